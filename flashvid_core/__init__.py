@@ -1,0 +1,1 @@
+"""FlashVID's vision-side token compression and inner-LLM selection, in pure PyTorch."""

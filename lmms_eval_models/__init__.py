@@ -1,0 +1,1 @@
+"""FlashVID model patches and lmms-eval model classes."""

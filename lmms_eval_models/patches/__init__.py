@@ -1,0 +1,42 @@
+"""Apply FlashVID to one model instance: `apply_flashvid(model, config)` and `remove_flashvid(model)`.
+
+Each supported model family has its own module; this file only dispatches on the model's class name, so that
+importing the package does not import every family's transformers module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lmms_eval_models.patches.common import FlashVIDStats, is_patched
+
+# transformers class name -> module of this package that patches it
+FAMILY_MODULES: dict[str, str] = {
+    "LlavaOnevisionForConditionalGeneration": "lmms_eval_models.patches.llava_onevision",
+    "Qwen2_5_VLForConditionalGeneration": "lmms_eval_models.patches.qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "lmms_eval_models.patches.qwen3_vl",
+}
+
+__all__ = ["FAMILY_MODULES", "FlashVIDStats", "apply_flashvid", "is_patched", "remove_flashvid"]
+
+
+def _family_module(model: Any):
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILY_MODULES:
+            return importlib.import_module(FAMILY_MODULES[cls.__name__])
+    supported = ", ".join(sorted(FAMILY_MODULES))
+    raise TypeError(f"FlashVID does not support {type(model).__name__}; supported model classes: {supported}")
+
+
+def apply_flashvid(model: Any, config: Any, **family_options: Any) -> Any:
+    """Patch `model` (this instance only) to compress its video tokens with FlashVID `config`.
+
+    `family_options` are passed to the family's `apply` (for example the LLaVA video layout). Returns the model.
+    """
+    return _family_module(model).apply(model, config, **family_options)
+
+
+def remove_flashvid(model: Any) -> Any:
+    """Undo `apply_flashvid` on this instance; the model then behaves exactly like the stock one."""
+    return _family_module(model).remove(model)
