@@ -1,0 +1,503 @@
+"""FlashVID inside transformers' `LlavaOnevisionForConditionalGeneration` (LLaVA-OneVision and LLaVA-Video).
+
+Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `remove_flashvid`):
+
+    apply(model, config, video_layout="onevision") -> model
+    remove(model) -> model
+
+`video_layout` — the family option (keyword) choosing how a video's tokens are pooled and laid out:
+
+- ``"onevision"`` (default): transformers' own layout for LLaVA-OneVision checkpoints — projector, then bilinear
+  pooling to ceil(h/2)×ceil(w/2) (27×27 → 14×14 = 196 per frame), the (compressed) tokens in global order, then
+  ONE newline embedding at the end.
+- ``"llava_video"``: the LLaVA-Video paper setting — projector, then average pooling with stride 2
+  (27×27 → 13×13 = 169 per frame); each frame's (kept) tokens are followed by one newline embedding, also for a
+  frame left with no token.
+
+`config` is a `flashvid_core.FlashVIDConfig`, or ``None`` for no compression at all: every token is kept and
+only the layout applies. ``apply(model, None, video_layout="llava_video")`` is therefore the paper's *vanilla*
+LLaVA-Video run (64 frames × (169 + 1) tokens).
+
+How it works, for one model instance only (other instances of the class are untouched):
+
+- The model's class is swapped for a subclass whose `forward` intercepts calls that carry `pixel_values_videos`:
+  it runs the stock `get_video_features` (so the projector and pooling are transformers' own), takes the
+  attention statistic from the last *used* SigLIP layer, compresses with `flashvid_core.compress`, replaces the
+  whole run of video placeholders by the compressed tokens and newline(s), and calls the stock `forward` with
+  `inputs_embeds`, a matching attention mask and contiguous positions 0..L'-1 of the shortened sequence.
+- Only that one SigLIP attention module computes attention probabilities (its class is swapped too, and it
+  computes them only while a FlashVID call is running); all other vision layers keep their fast implementation.
+- `generate` keeps tracking the original (longer) `input_ids` / `attention_mask` / positions. Decoding calls that
+  continue the cache filled by a FlashVID prefill are translated back onto the shortened sequence; the state is
+  per instance and replaced at every prefill.
+- What happened on the last call is in `model.flashvid_stats` (a `FlashVIDStats`); the config is never written.
+
+Batch size: one video prompt per call (the official code supports batch size 1 only); a larger batch with video
+is refused with a ValueError before any model work. Calls without video (text, images) run the stock model.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmms_eval_models.patches.common import PATCH_ATTR, FlashVIDStats, restore_class, swap_class
+
+VIDEO_LAYOUTS: tuple[str, ...] = ("onevision", "llava_video")
+SUPPORTED_CLASS = "LlavaOnevisionForConditionalGeneration"
+STATS_ATTR = "flashvid_stats"
+
+__all__ = ["SUPPORTED_CLASS", "VIDEO_LAYOUTS", "apply", "remove"]
+
+
+# --------------------------------------------------------------------------------------------- patch state
+
+
+@dataclass
+class _DecodeMap:
+    """How the original prompt maps onto the shortened one, for the decoding steps after a FlashVID prefill.
+
+    The original placeholders [start, start + original_run) became `video_len` tokens; everything after them
+    moves left by `shift`. `cache` identifies the KV cache that prefill filled: only calls continuing it are
+    translated.
+    """
+
+    cache: weakref.ref
+    start: int
+    original_run: int
+    video_len: int
+
+    @property
+    def shift(self) -> int:
+        return self.original_run - self.video_len
+
+    def continues(self, past_key_values: Any) -> bool:
+        return past_key_values is not None and self.cache() is past_key_values
+
+
+@dataclass
+class _LlavaPatch:
+    config: Any  # flashvid_core.FlashVIDConfig or None (layout only)
+    video_layout: str
+    decode: _DecodeMap | None = None
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def apply(model: nn.Module, config: Any, video_layout: str = "onevision") -> nn.Module:
+    """Patch this `LlavaOnevisionForConditionalGeneration` instance with FlashVID `config` (None: layout only).
+
+    Re-applying replaces the previous settings. Returns the model.
+    """
+    _check_model(model)
+    _check_config(config)
+    if video_layout not in VIDEO_LAYOUTS:
+        raise ValueError(f"video_layout must be one of {VIDEO_LAYOUTS}, got {video_layout!r}")
+    if getattr(model, PATCH_ATTR, None) is not None:
+        remove(model)
+    setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout))
+    swap_class(model, _flashvid_model_class)
+    if video_layout == "llava_video":
+        swap_class(model.model, _average_pooling_class)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply` on this instance: afterwards it computes exactly what the stock model computes."""
+    _check_model(model)
+    for attention in _vision_attentions(model):
+        restore_class(attention)
+        attention.__dict__.pop("_flashvid_sink", None)
+    restore_class(model.model)
+    restore_class(model)
+    model.__dict__.pop(PATCH_ATTR, None)
+    model.__dict__.pop(STATS_ATTR, None)
+    return model
+
+
+def _check_model(model: Any) -> None:
+    if not any(cls.__name__ == SUPPORTED_CLASS for cls in type(model).__mro__):
+        from lmms_eval_models.patches import FAMILY_MODULES
+
+        supported = ", ".join(sorted(FAMILY_MODULES))
+        raise TypeError(
+            f"FlashVID does not support {type(model).__name__}; supported model classes: {supported}"
+        )
+
+
+def _check_config(config: Any) -> None:
+    if config is None:
+        return
+    from flashvid_core import FlashVIDConfig
+
+    if not isinstance(config, FlashVIDConfig):
+        raise TypeError(f"config must be a flashvid_core.FlashVIDConfig or None, got {type(config).__name__}")
+
+
+# ------------------------------------------------------------------------------ instance-scoped classes
+
+
+@functools.cache
+def _flashvid_model_class(original: type) -> type:
+    """Subclass of the model's class whose `forward` routes video calls through FlashVID."""
+    stock_forward = original.forward
+    signature = inspect.signature(stock_forward)
+
+    # `wraps` keeps the stock signature visible: `generate` inspects it (position_ids, cache_position).
+    @functools.wraps(stock_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        patch: _LlavaPatch | None = getattr(self, PATCH_ATTR, None)
+        if patch is None:
+            return stock_forward(self, *args, **kwargs)
+        arguments = _named_arguments(signature, self, args, kwargs)
+        if arguments.get("pixel_values_videos") is not None:
+            return _video_prefill(self, patch, stock_forward, arguments)
+        decode = patch.decode
+        if decode is not None and decode.continues(arguments.get("past_key_values")):
+            return stock_forward(self, **_translate_decode(decode, arguments))
+        patch.decode = None  # a new sequence without video: nothing to translate any more
+        return stock_forward(self, **arguments)
+
+    return type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+
+
+@functools.cache
+def _average_pooling_class(original: type) -> type:
+    """Subclass of the inner `LlavaOnevisionModel` whose video pooling is LLaVA-Video's average pooling."""
+
+    def apply_pooling(self: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        return average_pool_stride2(image_features, side, side)
+
+    return type(
+        original.__name__, (original,), {"apply_pooling": apply_pooling, "__module__": original.__module__}
+    )
+
+
+@functools.cache
+def _statistic_attention_class(original: type) -> type:
+    """Subclass of a SigLIP attention module that, while armed, also returns FlashVID's attention statistic."""
+
+    def forward(
+        self: nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any
+    ) -> Any:
+        sink: list[torch.Tensor] | None = self.__dict__.get("_flashvid_sink")
+        if sink is None:
+            return original.forward(self, hidden_states, attention_mask, **kwargs)
+        output, received = attention_with_received(self, hidden_states, attention_mask)
+        sink.append(received)
+        return output, None
+
+    return type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+
+
+def _named_arguments(
+    signature: inspect.Signature, model: nn.Module, args: tuple, kwargs: dict
+) -> dict[str, Any]:
+    """All arguments of a forward call by name (positional ones included, `**kwargs` flattened)."""
+    bound = signature.bind(model, *args, **kwargs)
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif name != "self":
+            arguments[name] = value
+    return arguments
+
+
+# -------------------------------------------------------------------------------- vision-side helpers
+
+
+def average_pool_stride2(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """LLaVA-Video's spatial pooling: 2×2 average, stride 2, floor (27×27 → 13×13).
+
+    features (B, height·width, D) in raster order -> (B, ⌊height/2⌋·⌊width/2⌋, D).
+    """
+    batch, _, dim = features.shape
+    grid = features.view(batch, height, width, dim).permute(0, 3, 1, 2)
+    pooled = nn.functional.avg_pool2d(grid, kernel_size=2, stride=2)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def attention_with_received(
+    attention: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SigLIP attention module's output, computed eagerly, and the attention each key token receives.
+
+    hidden_states (B, N, C) -> (output (B, N, C), received (B, N) float32): `received` is the softmax
+    probabilities averaged over heads and over query positions. Uses only the module's projections and sizes,
+    which are the same in every supported transformers version.
+    """
+    batch, length, _ = hidden_states.shape
+
+    def heads(projection: nn.Module) -> torch.Tensor:
+        return (
+            projection(hidden_states)
+            .view(batch, length, attention.num_heads, attention.head_dim)
+            .transpose(1, 2)
+        )
+
+    queries, keys, values = heads(attention.q_proj), heads(attention.k_proj), heads(attention.v_proj)
+    scores = torch.matmul(queries, keys.transpose(2, 3)) * attention.scale
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probabilities = scores.softmax(dim=-1, dtype=torch.float32)
+    received = probabilities.mean(dim=(1, 2))
+    mixed = torch.matmul(probabilities.to(values.dtype), values)
+    output = attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, -1).contiguous())
+    return output, received
+
+
+def _vision_encoder_layers(model: nn.Module) -> nn.ModuleList:
+    tower = model.model.vision_tower
+    layers = getattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(
+            f"FlashVID expects a SigLIP-style vision tower (vision_model.encoder.layers), got {type(tower).__name__}"
+        )
+    return layers
+
+
+def _vision_attentions(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in _vision_encoder_layers(model)]
+
+
+def last_used_vision_layer(vision_feature_layer: int | list[int], num_layers: int) -> int:
+    """Index of the last encoder layer whose output the features use.
+
+    `hidden_states` holds num_layers + 1 entries (the embeddings, then each layer's output), so hidden state
+    i (negative i counted from the end) is the output of layer i - 1.
+    """
+    selected = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+    for index in selected:
+        if not -(num_layers + 1) <= index <= num_layers:
+            raise ValueError(f"vision_feature_layer {index} is outside [-{num_layers + 1}, {num_layers}]")
+    layer = max(index % (num_layers + 1) for index in selected) - 1
+    if layer < 0:
+        raise ValueError(
+            "vision_feature_layer selects only the patch embeddings: no attention to take FlashVID's statistic from"
+        )
+    return layer
+
+
+def _features_and_statistic(
+    model: nn.Module, pixel_values_videos: torch.Tensor, feature_layer: Any, select_strategy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled, projected video features (F, N, D) and the equally pooled attention statistic (F, N)."""
+    inner = model.model
+    attention = _vision_attentions(model)[
+        last_used_vision_layer(feature_layer, len(_vision_encoder_layers(model)))
+    ]
+    swap_class(attention, _statistic_attention_class)
+    sink: list[torch.Tensor] = []
+    attention._flashvid_sink = sink
+    try:
+        # Positional pixel argument: it is named pixel_values in 4.57 and pixel_values_videos in 5.x.
+        output = inner.get_video_features(
+            pixel_values_videos,
+            vision_feature_layer=feature_layer,
+            vision_feature_select_strategy=select_strategy,
+        )
+    finally:
+        del attention._flashvid_sink
+    if len(sink) != 1:
+        raise RuntimeError(f"expected one attention statistic from the vision tower, got {len(sink)}")
+    received = sink[0]  # (F, P) over SigLIP patches
+    if select_strategy == "default":
+        received = received[:, 1:]  # the features drop the first position in this strategy; so does A
+    statistic = inner.apply_pooling(received[..., None])[
+        ..., 0
+    ]  # the features' own pooling (bilinear or average)
+    frames, tokens = statistic.shape
+    if not torch.is_tensor(output):  # transformers 5: a ModelOutput whose pooler_output ends with the newline
+        output = output.pooler_output[:, :-1]
+    return output.reshape(frames, tokens, -1), statistic
+
+
+# ------------------------------------------------------------------------------------- video prefill
+
+
+def _video_prefill(
+    model: nn.Module, patch: _LlavaPatch, stock_forward: Any, arguments: dict[str, Any]
+) -> Any:
+    pixel_values_videos = arguments.pop("pixel_values_videos")
+    arguments.pop("image_sizes_videos", None)
+    input_ids = arguments.get("input_ids")
+    _check_video_call(model, input_ids, pixel_values_videos, arguments)
+    start, run = _placeholder_run(input_ids[0], model.config.video_token_id)
+
+    feature_layer = _resolved(arguments.get("vision_feature_layer"), model.config.vision_feature_layer)
+    select_strategy = _resolved(
+        arguments.get("vision_feature_select_strategy"), model.config.vision_feature_select_strategy
+    )
+    features, statistic = _features_and_statistic(model, pixel_values_videos, feature_layer, select_strategy)
+    video, compressed, num_segments, elapsed_ms = _compressed_video(model, patch, features, statistic)
+
+    embeddings = model.get_input_embeddings()(input_ids)
+    video = video.to(embeddings.dtype)[None]
+    arguments["inputs_embeds"] = torch.cat(
+        (embeddings[:, :start], video, embeddings[:, start + run :]), dim=1
+    )
+    arguments["input_ids"] = None
+    _shorten_positions(arguments, start, run, video.shape[1])
+
+    outputs = stock_forward(model, **arguments)
+
+    cache = getattr(outputs, "past_key_values", None)
+    patch.decode = (
+        _DecodeMap(cache=weakref.ref(cache), start=start, original_run=run, video_len=video.shape[1])
+        if cache is not None
+        else None
+    )
+    stats = FlashVIDStats(
+        visual_tokens_in=features.shape[0] * features.shape[1],
+        visual_tokens_compressed=compressed,
+        visual_tokens_after_pruning=compressed,
+        num_segments=num_segments,
+        compression_ms=elapsed_ms,
+    )
+    model.__dict__[STATS_ATTR] = stats
+    return outputs
+
+
+def _resolved(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _check_video_call(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    pixel_values_videos: torch.Tensor,
+    arguments: dict[str, Any],
+) -> None:
+    """Refuse what the patch cannot do, before any model work."""
+    if input_ids is None:
+        raise ValueError(
+            "FlashVID needs input_ids with the video placeholders to build the shortened sequence"
+        )
+    if input_ids.shape[0] != 1 or pixel_values_videos.shape[0] != 1:
+        raise ValueError(
+            "FlashVID on LLaVA-OneVision supports batch size 1 with video (one video per call, as the official "
+            f"code); got {input_ids.shape[0]} prompts and {pixel_values_videos.shape[0]} videos"
+        )
+    past = arguments.get("past_key_values")
+    if past is not None and past.get_seq_length() > 0:
+        raise ValueError("FlashVID compresses a video at prefill: past_key_values must be empty on that call")
+    if (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
+        raise ValueError(
+            "FlashVID needs pixel_values_videos, not pre-encoded video outputs (mm_encoder_outputs)"
+        )
+    mask = arguments.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError("FlashVID on LLaVA-OneVision takes a 2-D attention_mask (batch, sequence)")
+
+
+def _placeholder_run(input_ids: torch.Tensor, video_token_id: int) -> tuple[int, int]:
+    """(start, length) of the one contiguous run of video placeholders in a prompt."""
+    positions = torch.nonzero(input_ids == video_token_id).flatten()
+    if positions.numel() == 0:
+        raise ValueError("pixel_values_videos given but the prompt has no video placeholder token")
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    if end - start != positions.numel():
+        raise ValueError("FlashVID expects one video per prompt: its placeholder tokens must form one run")
+    return start, end - start
+
+
+def _compressed_video(
+    model: nn.Module, patch: _LlavaPatch, features: torch.Tensor, statistic: torch.Tensor
+) -> tuple[torch.Tensor, int, int, float]:
+    """The video's part of the LLM input in the patch's layout.
+
+    features (F, N, D), statistic (F, N) -> (video (V, D), compressed token count, segments, compression ms).
+    """
+    frames, per_frame, dim = features.shape
+    if patch.config is None:
+        tokens = features.reshape(frames * per_frame, dim)
+        indices = torch.arange(frames * per_frame, device=features.device)
+        num_segments, elapsed_ms = 1, 0.0
+    else:
+        from flashvid_core import compress
+
+        _synchronize(features.device)
+        started = time.perf_counter()
+        compression = compress(features, statistic, patch.config)
+        _synchronize(features.device)
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        tokens, indices = compression.tokens, compression.indices
+        num_segments = len(compression.segment_lengths)
+    newline = model.model.image_newline.to(tokens.device, tokens.dtype)
+    if patch.video_layout == "llava_video":
+        video = newline_per_frame(
+            tokens, torch.div(indices, per_frame, rounding_mode="floor"), frames, newline
+        )
+    else:
+        video = torch.cat((tokens, newline[None]), dim=0)
+    return video, tokens.shape[0], num_segments, elapsed_ms
+
+
+def newline_per_frame(
+    tokens: torch.Tensor, frame_of_token: torch.Tensor, frames: int, newline: torch.Tensor
+) -> torch.Tensor:
+    """LLaVA-Video layout: each frame's tokens followed by one newline, a frame without tokens included.
+
+    tokens (M, D) ordered by frame, frame_of_token (M,), newline (D,) -> (M + frames, D).
+    """
+    sequence = newline.expand(tokens.shape[0] + frames, -1).clone()
+    # token i is preceded by the newlines of all earlier frames, one each
+    sequence[torch.arange(tokens.shape[0], device=tokens.device) + frame_of_token] = tokens
+    return sequence
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _shorten_positions(arguments: dict[str, Any], start: int, run: int, video_len: int) -> None:
+    """Attention mask, positions and cache positions for the shortened prompt (contiguous 0..L'-1)."""
+    mask = arguments.get("attention_mask")
+    if mask is not None:
+        mask = _spliced_mask(mask, start, run, video_len)
+        arguments["attention_mask"] = mask
+        positions = mask.long().cumsum(-1) - 1
+        arguments["position_ids"] = positions.masked_fill(mask == 0, 1)
+    else:
+        length = arguments["inputs_embeds"].shape[1]
+        arguments["position_ids"] = torch.arange(length, device=arguments["inputs_embeds"].device)[None]
+    if arguments.get("cache_position") is not None:  # 4.57 passes it; 5.x has none
+        arguments["cache_position"] = torch.arange(
+            arguments["inputs_embeds"].shape[1], device=arguments["cache_position"].device
+        )
+
+
+def _spliced_mask(mask: torch.Tensor, start: int, run: int, video_len: int) -> torch.Tensor:
+    """The 2-D mask with the placeholder run [start, start + run) replaced by `video_len` attended columns."""
+    video = mask.new_ones(mask.shape[0], video_len)
+    return torch.cat((mask[:, :start], video, mask[:, start + run :]), dim=1)
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def _translate_decode(decode: _DecodeMap, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Map a decoding call from the original prompt's coordinates onto the shortened cache."""
+    mask = arguments.get("attention_mask")
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(
+                "FlashVID on LLaVA-OneVision decodes with a 2-D attention_mask (batch, sequence)"
+            )
+        arguments["attention_mask"] = _spliced_mask(mask, decode.start, decode.original_run, decode.video_len)
+    for key in ("position_ids", "cache_position"):
+        if arguments.get(key) is not None:
+            arguments[key] = arguments[key] - decode.shift
+    return arguments
