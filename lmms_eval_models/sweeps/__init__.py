@@ -1,0 +1,1 @@
+"""Internals of `flashvid-sweep` and `flashvid-report`: sweep files, run store, launchers, result tables."""

@@ -1,0 +1,116 @@
+"""Checks against the installed lmms-eval that need no model and no task indexing: model ids and task names.
+
+lmms-eval's own TaskManager takes tens of seconds to index its ~2,000 task YAMLs; reading the `task:`, `group:`
+and `tag:` lines directly takes well under a second and lets a bad sweep fail before anything starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+from lmms_eval_models.sweeps.spec import TINY_PREFIX, Sweep, SweepError
+
+_NAME_LINE = re.compile(r"^(task|group|tag)\s*:\s*(.*?)\s*$")
+_LIST_ITEM = re.compile(r"^\s+-\s+(['\"]?)([^'\"#\s]+)\1\s*(#.*)?$")
+
+
+def _names_in_yaml(text: str) -> set[str]:
+    """Top-level task/group/tag names of one task YAML (scalar, inline list or block list)."""
+    names: set[str] = set()
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        match = _NAME_LINE.match(line)
+        if not match:
+            continue
+        value = match.group(2).split(" #")[0].strip()
+        if value.startswith("["):
+            names.update(part.strip().strip("'\"") for part in value.strip("[]").split(","))
+        elif value:
+            names.add(value.strip("'\""))
+        else:
+            for item in lines[index + 1:]:
+                listed = _LIST_ITEM.match(item)
+                if not listed:
+                    break
+                names.add(listed.group(2))
+    return {name for name in names if name and not name.startswith("{")}
+
+
+def _task_files(root: Path) -> Iterable[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and (path.suffix in (".yaml", ".yml") or path.name.endswith("_yaml")):
+            yield path
+
+
+@lru_cache(maxsize=None)
+def _names_under(root: str) -> frozenset[str]:
+    names: set[str] = set()
+    for path in _task_files(Path(root)):
+        try:
+            names |= _names_in_yaml(path.read_text(errors="replace"))
+        except OSError:
+            continue
+    return frozenset(names)
+
+
+def builtin_task_root() -> Path:
+    import lmms_eval
+
+    return Path(lmms_eval.__file__).resolve().parent / "tasks"
+
+
+def known_task_names(include_paths: Iterable[str | Path] = ()) -> frozenset[str]:
+    names = set(_names_under(str(builtin_task_root())))
+    for include in include_paths:
+        names |= _names_under(str(Path(include).resolve()))
+    return frozenset(names)
+
+
+def known_model_ids() -> frozenset[str]:
+    """lmms-eval's model ids and aliases, including entry-point plugins (imports no model code)."""
+    import lmms_eval.models
+
+    return frozenset(lmms_eval.models.list_available_models(include_aliases=True))
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(choices), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def check_sweep(sweep: Sweep) -> None:
+    """Model ids, task names, include paths and tiny-checkpoint families: raise SweepError naming the key."""
+    for index, include in enumerate(sweep.include_path):
+        if not Path(include).is_dir():
+            raise SweepError(f"include_path[{index}]",
+                             f"{include} is not a folder (relative paths resolve against {Path.cwd()})")
+    models = known_model_ids()
+    several = len(sweep.models) > 1
+    for index, entry in enumerate(sweep.models):
+        key = f"models[{index}].model" if several else "model"
+        if entry.model not in models:
+            raise SweepError(key, f"unknown lmms-eval model id {entry.model!r}{_did_you_mean(entry.model, models)}")
+        for arg, value in entry.model_args.items():
+            if isinstance(value, str) and value.startswith(TINY_PREFIX):
+                _check_tiny_family(value, f"{key}_args.{arg}" if not several else f"models[{index}].model_args.{arg}")
+    for run in sweep.runs:
+        for arg, value in run.model_args.items():
+            if isinstance(value, str) and value.startswith(TINY_PREFIX):
+                _check_tiny_family(value, f"points/grid.{arg}")
+    tasks = known_task_names(sweep.include_path)
+    for index, task in enumerate(sweep.tasks):
+        if task not in tasks:
+            raise SweepError(f"tasks[{index}]", f"unknown task {task!r}{_did_you_mean(task, tasks)}")
+
+
+TINY_FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")
+
+
+def _check_tiny_family(value: str, key: str) -> None:
+    family = value[len(TINY_PREFIX):]
+    if family not in TINY_FAMILIES:
+        raise SweepError(key, f"unknown tiny checkpoint family {family!r}; families are {', '.join(TINY_FAMILIES)}")

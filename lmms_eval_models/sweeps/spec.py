@@ -1,0 +1,477 @@
+"""Sweep files: load, validate (errors name the offending key), and expand into runs with deterministic ids.
+
+A sweep file (YAML) describes one or more lmms-eval models, their base `model_args`, the tasks, and the runs:
+explicit `points` and/or a `grid` (a cartesian product over any model_args). See docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Scalar = str | int | float | bool
+
+TOP_LEVEL_KEYS = (
+    "name", "description", "model", "model_args", "models", "tasks", "include_path", "grid", "points",
+    "launcher", "output_root", "seed", "limit", "batch_size", "gen_kwargs", "paper", "report",
+)
+MODEL_ENTRY_KEYS = ("name", "model", "model_args")
+POINT_RESERVED_KEYS = ("name", "label", "reference", "models")
+GRID_RESERVED_KEYS = ("label", "models")
+LAUNCHER_TYPES = ("local", "accelerate", "slurm")
+LAUNCHER_KEYS = {
+    "local": ("type",),
+    "accelerate": ("type", "num_processes", "main_process_port"),
+    "slurm": ("type", "partition", "gpus", "time", "cpus_per_task", "mem_gb", "cluster", "num_processes",
+              "main_process_port", "additional_parameters"),
+}
+SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
+PAPER_KEYS = ("table", "match", "where")
+REPORT_KEYS = ("benchmarks",)
+# Prefix of a model_args value that names a tiny checkpoint family, resolved (built if needed) before launch.
+TINY_PREFIX = "tiny:"
+
+
+class SweepError(ValueError):
+    """A sweep file is invalid; the message starts with the offending key path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How each run is started: in this process's machine, through `accelerate launch`, or as a SLURM job."""
+
+    type: str = "local"
+    num_processes: int = 1
+    main_process_port: int | None = None
+    partition: str | None = None
+    gpus: int = 1
+    time_min: int = 60
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    cluster: str = "slurm"
+    additional_parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    model: str
+    model_args: Mapping[str, Scalar]
+
+
+@dataclass(frozen=True)
+class PaperRef:
+    """Which table of results/paper/ the report compares against, and how runs find their paper row."""
+
+    table: str
+    match: Mapping[str, str]
+    where: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One lmms-eval invocation. `settings()` is what the id is derived from (nothing machine-specific)."""
+
+    sweep: str
+    run_id: str
+    model_entry: str
+    model: str
+    model_args: Mapping[str, Scalar]
+    tasks: tuple[str, ...]
+    include_path: tuple[str, ...]
+    limit: int | float | None
+    seed: int
+    batch_size: int
+    gen_kwargs: str | None
+    name: str
+    label: str | None
+    reference: bool
+    order: int
+
+    def settings(self) -> dict[str, Any]:
+        return run_settings(self.model, self.model_args, self.tasks, self.include_path, self.limit, self.seed,
+                            self.batch_size, self.gen_kwargs)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    path: Path | None
+    description: str
+    models: tuple[ModelEntry, ...]
+    tasks: tuple[str, ...]
+    include_path: tuple[str, ...]
+    launcher: Launcher
+    output_root: str
+    seed: int
+    limit: int | float | None
+    batch_size: int
+    gen_kwargs: str | None
+    paper: PaperRef | None
+    report_benchmarks: tuple[str, ...] | None
+    runs: tuple[Run, ...]
+
+    def sweep_dir(self, output_root: str | Path | None = None) -> Path:
+        return Path(output_root if output_root is not None else self.output_root) / self.name
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check_keys(mapping: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise SweepError(f"{where}{key}", f"unknown key; allowed keys are {', '.join(allowed)}")
+
+
+def _require_mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SweepError(key, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _require_int(value: Any, key: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SweepError(key, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_scalar(value: Any, key: str) -> Scalar:
+    # lmms-eval parses model_args as "k=v,k=v": a value cannot hold a comma or '=', and None has no spelling
+    # (it would arrive as the string "None"): leave such a key out instead.
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        if "," in value or "=" in value or not value.strip():
+            raise SweepError(key, f"value {value!r} must be non-empty and contain neither ',' nor '='")
+        return value
+    raise SweepError(key, f"must be a string, number or boolean, got {value!r} (leave the key out for a default)")
+
+
+def _check_model_args(mapping: Any, key: str) -> dict[str, Scalar]:
+    mapping = _require_mapping(mapping, key)
+    out: dict[str, Scalar] = {}
+    for arg, value in mapping.items():
+        if not isinstance(arg, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", arg):
+            raise SweepError(f"{key}.{arg}", "model_args keys must be identifiers")
+        out[arg] = _check_scalar(value, f"{key}.{arg}")
+    return out
+
+
+def render_value(value: Scalar) -> str:
+    """A model_args value as lmms-eval's "k=v" parser reads it back (bools as True/False, floats by repr)."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return str(value)
+
+
+def render_model_args(model_args: Mapping[str, Scalar]) -> str:
+    return ",".join(f"{key}={render_value(value)}" for key, value in model_args.items())
+
+
+def run_settings(model: str, model_args: Mapping[str, Scalar], tasks: Sequence[str], include_path: Sequence[str],
+                 limit: int | float | None, seed: int, batch_size: int, gen_kwargs: str | None) -> dict[str, Any]:
+    return {
+        "model": model,
+        "model_args": {key: model_args[key] for key in sorted(model_args)},
+        "tasks": list(tasks),
+        "include_path": list(include_path),
+        "limit": limit,
+        "seed": seed,
+        "batch_size": batch_size,
+        "gen_kwargs": gen_kwargs,
+    }
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "run"
+
+
+def make_run_id(model: str, base_args: Mapping[str, Scalar], model_args: Mapping[str, Scalar],
+                settings: Mapping[str, Any]) -> str:
+    """`<model>[__k=v...]-<hash>`: readable from the settings that differ from the base, unique by the hash."""
+    changed = [f"{key}-{render_value(value)}" for key, value in model_args.items()
+               if key not in base_args or base_args[key] != value]
+    slug = _slug("__".join([model, *changed]))
+    return f"{slug}-{settings_hash(settings)}"
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _parse_launcher(raw: Any) -> Launcher:
+    if raw is None:
+        return Launcher()
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    raw = _require_mapping(raw, "launcher")
+    kind = raw.get("type", "local")
+    if kind not in LAUNCHER_TYPES:
+        raise SweepError("launcher.type", f"must be one of {', '.join(LAUNCHER_TYPES)}, got {kind!r}")
+    _check_keys(raw, LAUNCHER_KEYS[kind], "launcher.")
+    gpus = _require_int(raw.get("gpus", 1), "launcher.gpus", 0)
+    default_processes = gpus if kind == "slurm" else 1
+    num_processes = _require_int(raw.get("num_processes", default_processes), "launcher.num_processes", 1)
+    port = raw.get("main_process_port")
+    if port is not None:
+        port = _require_int(port, "launcher.main_process_port", 1)
+    cluster = raw.get("cluster", "slurm")
+    if cluster not in SUBMITIT_CLUSTERS:
+        raise SweepError("launcher.cluster", f"must be one of {', '.join(SUBMITIT_CLUSTERS)}, got {cluster!r}")
+    partition = raw.get("partition")
+    if kind == "slurm" and cluster == "slurm" and not partition:
+        raise SweepError("launcher.partition", "is required for a SLURM launcher")
+    extra = _require_mapping(raw.get("additional_parameters", {}), "launcher.additional_parameters")
+    return Launcher(
+        type=kind, num_processes=num_processes, main_process_port=port, partition=partition, gpus=gpus,
+        time_min=parse_time_minutes(raw.get("time", 60)),
+        cpus_per_task=None if raw.get("cpus_per_task") is None else _require_int(raw["cpus_per_task"],
+                                                                               "launcher.cpus_per_task", 1),
+        mem_gb=None if raw.get("mem_gb") is None else _require_int(raw["mem_gb"], "launcher.mem_gb", 1),
+        cluster=cluster, additional_parameters=dict(extra),
+    )
+
+
+def parse_time_minutes(value: Any) -> int:
+    """SLURM-style time: minutes as an integer, or "HH:MM:SS" / "D-HH:MM:SS"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", str(value))
+    if not match:
+        raise SweepError("launcher.time", f"must be minutes (integer > 0) or HH:MM:SS, got {value!r}")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return max(1, days * 1440 + hours * 60 + minutes + (1 if seconds else 0))
+
+
+def _parse_models(raw: Mapping[str, Any]) -> tuple[ModelEntry, ...]:
+    if "models" in raw:
+        if "model" in raw or "model_args" in raw:
+            raise SweepError("models", "give either `models` (a list) or `model` with `model_args`, not both")
+        entries = raw["models"]
+        if not isinstance(entries, list) or not entries:
+            raise SweepError("models", "must be a non-empty list of {name, model, model_args}")
+        models = []
+        for index, entry in enumerate(entries):
+            key = f"models[{index}]"
+            entry = _require_mapping(entry, key)
+            _check_keys(entry, MODEL_ENTRY_KEYS, f"{key}.")
+            model = entry.get("model")
+            if not isinstance(model, str) or not model:
+                raise SweepError(f"{key}.model", "is required (an lmms-eval model id)")
+            name = str(entry.get("name", model))
+            models.append(ModelEntry(name, model, _check_model_args(entry.get("model_args", {}),
+                                                                      f"{key}.model_args")))
+        names = [entry.name for entry in models]
+        if len(set(names)) != len(names):
+            raise SweepError("models", f"entry names must be unique, got {names}")
+        return tuple(models)
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise SweepError("model", "is required (an lmms-eval model id), or give a `models` list")
+    return (ModelEntry(model, model, _check_model_args(raw.get("model_args", {}), "model_args")),)
+
+
+def _string_list(value: Any, key: str, allow_empty: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise SweepError(key, "must be a list of non-empty strings")
+    if not value and not allow_empty:
+        raise SweepError(key, "must not be empty")
+    if len(set(value)) != len(value):
+        raise SweepError(key, f"has duplicates: {value}")
+    return tuple(value)
+
+
+def _models_filter(value: Any, key: str, models: Sequence[ModelEntry]) -> tuple[str, ...]:
+    names = [entry.name for entry in models]
+    if value is None:
+        return tuple(names)
+    chosen = _string_list(value, key)
+    for name in chosen:
+        if name not in names:
+            raise SweepError(key, f"unknown model entry {name!r}; entries are {names}")
+    return chosen
+
+
+@dataclass(frozen=True)
+class _PointSpec:
+    name: str | None
+    label: str | None
+    reference: bool
+    models: tuple[str, ...]
+    overrides: Mapping[str, Scalar]
+
+
+def _parse_points(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise SweepError("points", "must be a non-empty list of mappings (model_args overrides)")
+    points = []
+    for index, point in enumerate(raw):
+        key = f"points[{index}]"
+        point = _require_mapping(point, key)
+        overrides = {k: v for k, v in point.items() if k not in POINT_RESERVED_KEYS}
+        reference = point.get("reference", False)
+        if not isinstance(reference, bool):
+            raise SweepError(f"{key}.reference", "must be true or false")
+        points.append(_PointSpec(
+            name=None if point.get("name") is None else str(point["name"]),
+            label=None if point.get("label") is None else str(point["label"]),
+            reference=reference,
+            models=_models_filter(point.get("models"), f"{key}.models", models),
+            overrides=_check_model_args(overrides, key),
+        ))
+    return points
+
+
+def _parse_grid(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
+    """A grid is a mapping (or a list of mappings) from model_args to value lists; scalars are fixed axes."""
+    if raw is None:
+        return []
+    grids = raw if isinstance(raw, list) else [raw]
+    if not grids:
+        raise SweepError("grid", "must not be empty")
+    points = []
+    for index, grid in enumerate(grids):
+        prefix = "grid" if not isinstance(raw, list) else f"grid[{index}]"
+        grid = _require_mapping(grid, prefix)
+        axes = {k: v for k, v in grid.items() if k not in GRID_RESERVED_KEYS}
+        if not axes:
+            raise SweepError(prefix, "must name at least one model_args key with a list of values")
+        value_lists = []
+        for arg, values in axes.items():
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise SweepError(f"{prefix}.{arg}", "empty list of values: give at least one")
+            checked = [_check_scalar(value, f"{prefix}.{arg}") for value in values]
+            if len(set(map(repr, checked))) != len(checked):
+                raise SweepError(f"{prefix}.{arg}", f"has duplicate values: {values}")
+            value_lists.append(checked)
+        _check_model_args({arg: lst[0] for arg, lst in zip(axes, value_lists)}, prefix)
+        chosen_models = _models_filter(grid.get("models"), f"{prefix}.models", models)
+        label = None if grid.get("label") is None else str(grid["label"])
+        for combo in itertools.product(*value_lists):
+            points.append(_PointSpec(None, label, False, chosen_models, dict(zip(axes, combo))))
+    return points
+
+
+def _parse_paper(raw: Any) -> PaperRef | None:
+    if raw is None:
+        return None
+    raw = _require_mapping(raw, "paper")
+    _check_keys(raw, PAPER_KEYS, "paper.")
+    table = raw.get("table")
+    if not isinstance(table, str) or not table:
+        raise SweepError("paper.table", "is required (a table id of results/paper/paper_tables.yaml)")
+    match = _require_mapping(raw.get("match", {"method": "method", "retention_ratio": "retention_ratio"}),
+                             "paper.match")
+    where = _require_mapping(raw.get("where", {}), "paper.where")
+    return PaperRef(table, {str(k): str(v) for k, v in match.items()}, {str(k): str(v) for k, v in where.items()})
+
+
+def _parse_limit(value: Any) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise SweepError("limit", f"must be a positive integer (documents per task) or a fraction, got {value!r}")
+    if isinstance(value, float) and value >= 1:
+        raise SweepError("limit", f"a float limit is a fraction and must be < 1, got {value!r}")
+    return value
+
+
+def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
+    """Validate a loaded sweep document and expand it into runs. Raises SweepError naming the bad key."""
+    raw = _require_mapping(raw, "<sweep file>")
+    _check_keys(raw, TOP_LEVEL_KEYS, "")
+    name = str(raw.get("name", name))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise SweepError("name", f"must be a simple folder name, got {name!r}")
+    models = _parse_models(raw)
+    if "tasks" not in raw:
+        raise SweepError("tasks", "is required")
+    tasks = _string_list(raw["tasks"], "tasks")
+    include_path = _string_list(raw.get("include_path", []), "include_path", allow_empty=True)
+    seed = _require_int(raw.get("seed", 0), "seed", 0)
+    batch_size = _require_int(raw.get("batch_size", 1), "batch_size", 1)
+    gen_kwargs = raw.get("gen_kwargs")
+    if gen_kwargs is not None and not isinstance(gen_kwargs, str):
+        raise SweepError("gen_kwargs", "must be a string such as 'max_new_tokens=16,temperature=0'")
+    output_root = raw.get("output_root", "runs")
+    if not isinstance(output_root, str) or not output_root:
+        raise SweepError("output_root", "must be a folder path")
+    report = _require_mapping(raw.get("report", {}), "report")
+    _check_keys(report, REPORT_KEYS, "report.")
+    report_benchmarks = None
+    if "benchmarks" in report:
+        report_benchmarks = _string_list(report["benchmarks"], "report.benchmarks")
+
+    if "grid" not in raw and "points" not in raw:
+        raise SweepError("grid", "give a `grid` and/or `points`: a sweep needs at least one run")
+    specs = _parse_points(raw.get("points"), models) + _parse_grid(raw.get("grid"), models)
+    sweep_settings = dict(tasks=tasks, include_path=include_path, limit=_parse_limit(raw.get("limit")), seed=seed,
+                          batch_size=batch_size, gen_kwargs=gen_kwargs)
+    runs = _expand(name, models, specs, **sweep_settings)
+    return Sweep(
+        name=name, path=path, description=str(raw.get("description", "")), models=models,
+        launcher=_parse_launcher(raw.get("launcher")), output_root=output_root, paper=_parse_paper(raw.get("paper")),
+        report_benchmarks=report_benchmarks, runs=runs, **sweep_settings,
+    )
+
+
+def _expand(sweep: str, models: Sequence[ModelEntry], specs: Sequence[_PointSpec], *, tasks: tuple[str, ...],
+            include_path: tuple[str, ...], limit: int | float | None, seed: int, batch_size: int,
+            gen_kwargs: str | None) -> tuple[Run, ...]:
+    """Models x points, in file order; the same settings twice is an error (it would be one run)."""
+    runs: list[Run] = []
+    seen: dict[str, str] = {}
+    for entry in models:
+        for index, spec in enumerate(specs):
+            if entry.name not in spec.models:
+                continue
+            model_args = {**entry.model_args, **spec.overrides}
+            settings = run_settings(entry.model, model_args, tasks, include_path, limit, seed, batch_size,
+                                    gen_kwargs)
+            run_id = make_run_id(entry.model, entry.model_args, model_args, settings)
+            display = spec.name or ",".join(f"{k}={render_value(v)}" for k, v in spec.overrides.items())
+            if run_id in seen:
+                raise SweepError("points" if spec.name else "grid",
+                                 f"runs {seen[run_id]!r} and {display!r} of model {entry.name!r} have identical settings")
+            seen[run_id] = display
+            runs.append(Run(sweep=sweep, run_id=run_id, model_entry=entry.name, model=entry.model,
+                            model_args=model_args, tasks=tasks, include_path=include_path, limit=limit, seed=seed,
+                            batch_size=batch_size, gen_kwargs=gen_kwargs, name=display or "base",
+                            label=spec.label, reference=spec.reference, order=len(runs)))
+    if not runs:
+        raise SweepError("points", "no run selected: check the `models` filters")
+    return tuple(runs)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file (structure only; see `checks.check_sweep` for model ids and tasks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError("<sweep file>", f"{path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SweepError("<sweep file>", f"{path} is not valid YAML: {error}") from error
+    return parse_sweep(raw, path.stem, path)
