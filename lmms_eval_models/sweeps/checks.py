@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from lmms_eval_models.sweeps.spec import TINY_PREFIX, Sweep, SweepError
@@ -46,7 +46,7 @@ def _task_files(root: Path) -> Iterable[Path]:
             yield path
 
 
-@lru_cache(maxsize=None)
+@cache
 def _names_under(root: str) -> frozenset[str]:
     names: set[str] = set()
     for path in _task_files(Path(root)):

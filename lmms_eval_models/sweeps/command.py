@@ -19,7 +19,8 @@ def resolve_tiny(model_args: Mapping[str, Scalar], cache_dir: str | Path | None 
     resolved = dict(model_args)
     for key, value in model_args.items():
         if isinstance(value, str) and value.startswith(TINY_PREFIX):
-            from lmms_eval_models.tiny_checkpoints import tiny_checkpoint_path  # imports transformers: only here
+            # Imported here only: it imports transformers, which plan and validation do not need.
+            from lmms_eval_models.tiny_checkpoints import tiny_checkpoint_path
 
             resolved[key] = str(tiny_checkpoint_path(value[len(TINY_PREFIX):], cache_dir))
     return resolved
@@ -62,7 +63,7 @@ def build_command(run: Run, launcher: Launcher, output_path: Path,
     """The full argument list of a run for its launcher (for SLURM: what the job runs on its node)."""
     tail = ["-m", "lmms_eval", *lmms_eval_args(run, output_path, model_args)]
     processes = launcher.num_processes
-    if launcher.type == "local" or processes <= 1 and launcher.type == "slurm":
+    if launcher.type == "local" or (launcher.type == "slurm" and processes <= 1):
         return [python or sys.executable, *tail]
     port = launcher.main_process_port or default_port(run.run_id)
     return [accelerate(), "launch", "--num_processes", str(processes), "--main_process_port", str(port), *tail]

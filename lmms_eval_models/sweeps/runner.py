@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import platform
@@ -39,10 +40,8 @@ class Outcome:
 def _die_with_parent() -> None:
     # Linux: the child gets SIGKILL when the sweep process dies, even by SIGKILL, so no orphaned lmms-eval keeps
     # writing into an attempt folder that a rerun is about to restart.
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _spawn(argv: Sequence[str], log_path: Path, stream: bool) -> int:

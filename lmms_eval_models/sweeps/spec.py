@@ -444,7 +444,7 @@ def _expand(sweep: str, models: Sequence[ModelEntry], specs: Sequence[_PointSpec
     runs: list[Run] = []
     seen: dict[str, str] = {}
     for entry in models:
-        for index, spec in enumerate(specs):
+        for spec in specs:
             if entry.name not in spec.models:
                 continue
             model_args = {**entry.model_args, **spec.overrides}
