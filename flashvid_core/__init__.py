@@ -1,1 +1,45 @@
-"""FlashVID's vision-side token compression and inner-LLM selection, in pure PyTorch."""
+"""FlashVID's vision-side token compression and inner-LLM selection, in pure PyTorch.
+
+Public API: FlashVIDConfig, Compression, compress, llm_keep_positions (plus the stages as pure functions).
+Defaults reproduce the official implementation exactly; variants that change outputs are opt-in config fields.
+"""
+
+from .clustering import dpc_knn, dpc_knn_ragged, draw_density_noise
+from .config import TOKEN_SELECTION_METHODS, FlashVIDConfig
+from .llm_pruning import last_query_attention, llm_keep_positions
+from .merging import merge_segment, spatiotemporal_merge, temporal_parents, tree_roots
+from .pipeline import Compression, compress, compress_segment, validate_inputs
+from .segmentation import segment_lengths, transition_similarities, video_segment_lengths
+from .selection import (
+    calibrated_distances,
+    cosine_distances,
+    event_relevance,
+    max_min_diversity,
+    select_tokens,
+)
+
+__all__ = [
+    "TOKEN_SELECTION_METHODS",
+    "Compression",
+    "FlashVIDConfig",
+    "calibrated_distances",
+    "compress",
+    "compress_segment",
+    "cosine_distances",
+    "dpc_knn",
+    "dpc_knn_ragged",
+    "draw_density_noise",
+    "event_relevance",
+    "last_query_attention",
+    "llm_keep_positions",
+    "max_min_diversity",
+    "merge_segment",
+    "segment_lengths",
+    "select_tokens",
+    "spatiotemporal_merge",
+    "temporal_parents",
+    "transition_similarities",
+    "tree_roots",
+    "validate_inputs",
+    "video_segment_lengths",
+]

@@ -1,0 +1,145 @@
+"""DPC-kNN (density peak clustering with k nearest neighbours), used to merge each frame's contextual tokens.
+
+`dpc_knn` is the single-call form (one cluster count for the whole batch, as in the official code);
+`dpc_knn_ragged` clusters many frames at once, each with its own point count, cluster count and k, padded.
+Distances use torch.cdist, which computes directly for <= 25 points and through a matrix product above that;
+`dpc_knn_ragged` keeps that choice per frame (the caller groups frames by size) because exact density ties for
+k <= 2 depend on the self-distance being exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# A uniform random tie-breaker of this size is added to the densities, as in the official code.
+DENSITY_NOISE_SCALE = 1e-6
+# torch.cdist switches to the matrix-product formula above this many points.
+CDIST_DIRECT_MAX_POINTS = 25
+
+
+def draw_density_noise(num_points: list[int], device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """The tie-breaker draws of successive DPC calls, concatenated: (sum(num_points),) float32 in [0, 1).
+
+    The official code draws torch.rand_like(density) with density (1, n) once per call. On the CPU the stream is
+    serial, so one draw of the total equals the concatenated per-call draws; on other devices (Philox offsets
+    advance per launch) each call is drawn separately to consume the generator exactly as the reference does.
+    """
+    total = sum(num_points)
+    if total == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        return torch.rand(total, dtype=torch.float32, device=device, generator=generator)
+    draws = [torch.rand(1, n, dtype=torch.float32, device=device, generator=generator) for n in num_points]
+    return torch.cat(draws, dim=1).flatten()
+
+
+@torch.no_grad()
+def dpc_knn(
+    features: Tensor,
+    num_clusters: int,
+    k: int = 7,
+    valid_token_mask: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cluster each batch row's points with DPC-kNN (the official single-call form).
+
+    features: (B, n, D). valid_token_mask: (B, n) bool, invalid points are nobody's neighbour and have density 0
+    (they are still assigned to a centre). noise: (B, n) uniform draws for the density tie-breaker (default: one
+    torch.rand of shape (B, n) from `generator` or the device's default generator).
+    Returns cluster_indices (B, n) int64 in [0, num_clusters) and cluster_center_indices (B, num_clusters) int64
+    in descending score order.
+    """
+    batch, num_points, dim = features.shape
+    if not 1 <= num_clusters <= num_points:
+        raise ValueError(f"num_clusters={num_clusters} is out of range: allowed 1..{num_points} (points)")
+    if not 1 <= k <= num_points:
+        raise ValueError(f"k={k} is out of range: allowed 1..{num_points} (points)")
+    points = features.float()
+    dists = torch.cdist(points, points) / math.sqrt(dim)
+    if valid_token_mask is not None:
+        invalid = ~valid_token_mask.bool()
+        dists = dists.masked_fill(invalid.unsqueeze(1).expand(-1, num_points, -1), dists.max() + 1)
+    nearest = torch.topk(dists, k=k, dim=-1, largest=False).values
+    density = torch.mean(-(nearest**2), dim=-1).exp()
+    if noise is None:
+        noise = torch.rand(density.shape, dtype=density.dtype, device=density.device, generator=generator)
+    density = density + noise.reshape(density.shape).to(density) * DENSITY_NOISE_SCALE
+    if valid_token_mask is not None:
+        density = density.masked_fill(invalid, 0.0)
+    delta = _distance_to_denser(dists, density, dists.reshape(batch, -1).amax(dim=-1))
+    centres = torch.topk(delta * density, k=num_clusters, dim=-1).indices
+    return _assign(dists, centres, num_clusters), centres
+
+
+def _distance_to_denser(dists: Tensor, density: Tensor, max_dist: Tensor) -> Tensor:
+    """For each point the distance to its nearest denser point; the densest gets max_dist.
+
+    dists (B, n, n), density (B, n), max_dist (B,). Returns (B, n).
+    """
+    denser = density.unsqueeze(1) > density.unsqueeze(2)  # [b, i, j]: j is denser than i
+    return torch.where(denser, dists, max_dist.view(-1, 1, 1)).amin(dim=-1)
+
+
+def _assign(dists: Tensor, centres: Tensor, num_clusters: int | Tensor) -> Tensor:
+    """Nearest-centre assignment, each centre forced into its own cluster.
+
+    dists (B, n, n); centres (B, K). num_clusters: int, or (B,) tensor when rows use fewer than K (columns beyond
+    a row's count are ignored). Returns (B, n) int64.
+    """
+    batch, num_points, _ = dists.shape
+    width = centres.shape[1]
+    to_centres = torch.gather(dists, 2, centres.unsqueeze(1).expand(-1, num_points, -1))  # (B, n, K)
+    slot = torch.arange(width, device=dists.device).expand(batch, -1)
+    if isinstance(num_clusters, Tensor):
+        used = slot < num_clusters.unsqueeze(-1)
+        to_centres = to_centres.masked_fill(~used.unsqueeze(1), float("inf"))
+    assignment = to_centres.argmin(dim=-1)
+    if isinstance(num_clusters, Tensor):
+        # Unused slots write back what is already there, so only the real centres are forced.
+        slot = torch.where(used, slot, assignment.gather(1, centres))
+    return assignment.scatter(1, centres, slot)
+
+
+@torch.no_grad()
+def dpc_knn_ragged(
+    points: Tensor,
+    num_points: Tensor,
+    num_clusters: Tensor,
+    num_neighbours: Tensor,
+    noise: Tensor,
+    max_clusters: int,
+    neighbour_counts: list[int],
+) -> tuple[Tensor, Tensor]:
+    """DPC-kNN on C padded frames at once, each with its own sizes; same result per frame as `dpc_knn`.
+
+    points: (C, n, D) float32, row c valid in [0, num_points[c]); num_points, num_clusters, num_neighbours (k):
+    (C,) int64; noise: (C, n) uniform draws (padding ignored); max_clusters: max(num_clusters) and
+    neighbour_counts: num_neighbours as a host-side list (the host knows them; no device sync needed).
+    All frames of one call should be on the same side of the 25-point cdist switch (the caller groups them).
+    Returns cluster_indices (C, n) (padding: arbitrary) and centres (C, max_clusters) in descending score order
+    (slots >= num_clusters[c]: arbitrary).
+    """
+    batch, width, dim = points.shape
+    slots = torch.arange(width, device=points.device)
+    valid = slots.unsqueeze(0) < num_points.unsqueeze(1)  # (C, n)
+    dists = torch.cdist(points, points) / math.sqrt(dim)
+    neighbour_dists = dists.masked_fill(~valid.unsqueeze(1), float("inf"))
+    nearest = torch.topk(neighbour_dists, k=max(neighbour_counts), dim=-1, largest=False).values  # (C, n, k_max)
+    # torch.mean over exactly k columns, one k at a time (at most 7 values), so each frame's density is computed
+    # as the single-call form computes it: exact density ties (k <= 2) must stay exact ties.
+    density = torch.zeros(batch, width, dtype=torch.float32, device=points.device)
+    for k in sorted(set(neighbour_counts)):
+        density_k = torch.mean(-(nearest[:, :, :k].contiguous() ** 2), dim=-1).exp()
+        density = torch.where((num_neighbours == k).unsqueeze(1), density_k, density)
+    density = density + noise * DENSITY_NOISE_SCALE
+    density = density.masked_fill(~valid, float("-inf"))
+    pair_valid = valid.unsqueeze(1) & valid.unsqueeze(2)
+    max_dist = dists.masked_fill(~pair_valid, float("-inf")).reshape(batch, -1).amax(dim=-1)
+    delta = _distance_to_denser(dists, density, max_dist)
+    score = (delta * density).masked_fill(~valid, float("-inf"))
+    centres = torch.topk(score, k=max_clusters, dim=-1).indices
+    return _assign(dists, centres, num_clusters), centres

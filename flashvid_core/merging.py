@@ -1,0 +1,226 @@
+"""Tree-based Spatiotemporal Token Merging (TSTM), vectorised over all frames and segments of a video.
+
+Each token of frame t (t >= 1 within its segment) links to its most similar token of frame t - 1; it merges into
+that parent when the similarity is above the threshold, otherwise it is a tree root and is kept. Frame 0 of a
+segment only holds roots. The official aggregation is kept by default: a root's value is the sum over its whole
+tree divided by 1 + (number of its direct children).
+
+Instead of walking frames from last to first, the trees are resolved by pointer jumping (log2(F) gathers) and
+summed with one index_add.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# The floor threshold is clamped to at least this, as in the official code (so similarity -1 never merges).
+MIN_FLOOR_THRESHOLD = -1.0 + 1e-6
+
+
+def segment_ids_of_frames(segment_lengths: list[int], device: torch.device) -> Tensor:
+    """(F,) int64: the segment of each frame (zero-length segments own no frame)."""
+    lengths = torch.tensor(segment_lengths, dtype=torch.long)
+    ids = torch.repeat_interleave(torch.arange(len(segment_lengths)), lengths)
+    return ids.to(device)
+
+
+def segment_start_frames(segment_lengths: list[int], device: torch.device) -> Tensor:
+    """(F,) bool: True for the first frame of each segment."""
+    starts = torch.zeros(sum(segment_lengths), dtype=torch.bool)
+    offset = 0
+    for length in segment_lengths:
+        if length > 0:
+            starts[offset] = True
+        offset += length
+    return starts.to(device)
+
+
+def temporal_parents(features: Tensor, selected: Tensor, segment_starts: Tensor) -> tuple[Tensor, Tensor]:
+    """Each token's most similar token in the previous frame, and that similarity, in the input dtype.
+
+    features: (F, N, D); selected: (F, N) bool, ADTS-selected tokens (excluded on both sides: similarity -1);
+    segment_starts: (F,) bool. Returns max_sim (F, N) (-1 on the first frame of each segment) and parent (F, N)
+    int64, the parent's within-frame index (0 where max_sim is -1 on a segment's first frame).
+    """
+    num_frames, num_tokens, _ = features.shape
+    max_sim = torch.full((num_frames, num_tokens), -1.0, dtype=features.dtype, device=features.device)
+    parent = torch.zeros(num_frames, num_tokens, dtype=torch.long, device=features.device)
+    if num_frames < 2:
+        return max_sim, parent
+    normed = features / features.norm(p=2, dim=-1, keepdim=True)
+    similarity = torch.bmm(normed[1:], normed[:-1].transpose(-1, -2))  # [t-1, n, m]: token n of t vs m of t-1
+    excluded = selected[1:].unsqueeze(-1) | selected[:-1].unsqueeze(1)
+    similarity = similarity.masked_fill(excluded, -1.0)
+    best, best_index = similarity.max(dim=-1)
+    first = segment_starts[1:].unsqueeze(-1)
+    max_sim[1:] = torch.where(first, torch.full_like(best, -1.0), best)
+    parent[1:] = torch.where(first, torch.zeros_like(best_index), best_index)
+    return max_sim, parent
+
+
+def merge_decisions(
+    max_sim: Tensor,
+    temporal_threshold: float,
+    segment_lengths: list[int],
+    kept_per_frame_floor: int,
+) -> tuple[Tensor, Tensor]:
+    """Which tokens merge into their parent: max_sim > threshold, with the official lower bound on kept tokens.
+
+    max_sim: (F, N). kept_per_frame_floor: (num_selected + num_merged), the per-frame budget. If a segment of L
+    frames would keep fewer than floor * L tokens (selected tokens included), its threshold becomes the
+    (L * N - floor * L)-th largest max_sim of the segment, clamped to >= -1 + 1e-6, still compared with a
+    strict '>'. Returns merged (F, N) bool and floor_used (S,) bool.
+    """
+    num_frames, num_tokens = max_sim.shape
+    device = max_sim.device
+    num_segments = len(segment_lengths)
+    segment_of_frame = segment_ids_of_frames(segment_lengths, device)
+    # Thresholds live in max_sim's dtype, as the reference compares a tensor of that dtype with a Python float.
+    threshold = torch.full((num_segments,), temporal_threshold, dtype=max_sim.dtype, device=device)
+    merged = max_sim > threshold[segment_of_frame].unsqueeze(-1)
+    lengths = torch.tensor(segment_lengths, dtype=torch.long, device=device)
+    kept = torch.zeros(num_segments, dtype=torch.long, device=device)
+    kept.index_add_(0, segment_of_frame, (~merged).sum(dim=-1))
+    lower_bound = lengths * kept_per_frame_floor
+    floor_used = (kept < lower_bound) & (lengths > 1)
+    # k-th largest max_sim per segment: one stable sort on (segment, -max_sim); float64 keys are exact here.
+    num_largest = lengths * num_tokens - lower_bound  # (S,)
+    token_segment = segment_of_frame.repeat_interleave(num_tokens)
+    keys = token_segment.double() * 4.0 - max_sim.flatten().double()
+    sorted_sims = max_sim.flatten()[torch.argsort(keys, stable=True)]
+    first_token = (torch.cumsum(lengths, 0) - lengths) * num_tokens
+    position = (first_token + num_largest - 1).clamp(0, max(num_frames * num_tokens - 1, 0))
+    floor_threshold = torch.clamp_min(sorted_sims[position], MIN_FLOOR_THRESHOLD)
+    # A floor asking to merge nothing (budget == N) keeps everything (the official code fails there).
+    floor_threshold = torch.where(num_largest > 0, floor_threshold, torch.full_like(floor_threshold, math.inf))
+    threshold = torch.where(floor_used, floor_threshold, threshold)
+    merged = max_sim > threshold[segment_of_frame].unsqueeze(-1)
+    return merged, floor_used
+
+
+def limit_breadth(merged: Tensor, parent: Tensor, max_sim: Tensor, max_children: int) -> Tensor:
+    """Opt-in (paper Table 12): each node keeps at most max_children children, the most similar ones (ties: lower
+    index); the others become roots. merged, parent, max_sim: (F, N). Returns the new merged mask (F, N)."""
+    num_frames, num_tokens = merged.shape
+    frame = torch.arange(num_frames, device=merged.device).unsqueeze(-1)
+    parent_key = ((frame - 1) * num_tokens + parent).flatten()
+    # Sort the merged tokens by (parent, -similarity); a token's rank inside its parent's group decides.
+    flat_merged = merged.flatten()
+    keys = torch.where(flat_merged, parent_key.double() * 4.0 - max_sim.flatten().double(), math.inf)
+    order = torch.argsort(keys, stable=True)
+    sorted_parent = torch.where(flat_merged[order], parent_key[order], -1)
+    position = torch.arange(order.numel(), device=merged.device)
+    group_start = torch.ones_like(flat_merged)
+    group_start[1:] = sorted_parent[1:] != sorted_parent[:-1]
+    start_position = torch.cummax(torch.where(group_start, position, 0), dim=0).values
+    rank = torch.empty_like(position)
+    rank[order] = position - start_position
+    return merged & (rank.view(num_frames, num_tokens) < max_children)
+
+
+def limit_depth(merged: Tensor, parent: Tensor, max_depth: int) -> Tensor:
+    """Opt-in (paper Table 11): trees have at most max_depth levels (a root alone is 1 level); a token that would
+    sit deeper becomes a root. merged, parent: (F, N). Returns the new merged mask. Loops over frames (the depth
+    of frame t depends on frame t - 1), vectorised over tokens."""
+    merged = merged.clone()
+    level = torch.ones(merged.shape[1], dtype=torch.long, device=merged.device)
+    for frame in range(merged.shape[0]):
+        candidate = level[parent[frame]] + 1 if frame > 0 else torch.ones_like(level)
+        too_deep = candidate > max_depth
+        merged[frame] &= ~too_deep
+        level = torch.where(merged[frame], candidate, torch.ones_like(candidate))
+    return merged
+
+
+def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tensor:
+    """Root (global index f * N + n) of every token's tree, by pointer jumping. merged, parent: (F, N).
+    Returns (F * N,) int64; a root points to itself."""
+    num_frames, num_tokens = merged.shape
+    frame = torch.arange(num_frames, device=merged.device).unsqueeze(-1)
+    own = torch.arange(num_frames * num_tokens, device=merged.device)
+    pointer = torch.where(merged, (frame - 1) * num_tokens + parent, own.view(num_frames, num_tokens)).flatten()
+    for _ in range(max(math.ceil(math.log2(max(max_segment_length, 1))), 0)):
+        pointer = pointer[pointer]
+    return pointer
+
+
+@dataclass(frozen=True)
+class TreeMerge:
+    """TSTM result for a video. All (F, N) except where noted.
+
+    merged: the token merged into its parent; root_values: (F, N, D) float32, a root's aggregated value (only
+    meaningful where roots & ~selected); floor_used: (S,) whether a segment's lower bound replaced the threshold.
+    """
+
+    merged: Tensor
+    root_values: Tensor
+    floor_used: Tensor
+
+
+def spatiotemporal_merge(
+    features: Tensor,
+    selected: Tensor,
+    segment_lengths: list[int],
+    temporal_threshold: float,
+    kept_per_frame_floor: int,
+    max_depth: int | None = None,
+    max_breadth: int | None = None,
+    true_mean: bool = False,
+) -> TreeMerge:
+    """TSTM over all segments of a video at once.
+
+    features: (F, N, D); selected: (F, N) bool, ADTS-selected tokens (they never merge and take no children);
+    segment_lengths: host-side lengths summing to F; kept_per_frame_floor: the per-frame budget (see
+    merge_decisions). Similarities use the input dtype; sums and divisions float32 (the official code rounds to
+    the input dtype after each frame step: identical for float32 inputs, within rounding for bf16/fp16).
+    """
+    num_frames, num_tokens, dim = features.shape
+    device = features.device
+    starts = segment_start_frames(segment_lengths, device)
+    max_sim, parent = temporal_parents(features, selected, starts)
+    merged, floor_used = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor)
+    if max_breadth is not None:
+        merged = limit_breadth(merged, parent, max_sim, max_breadth)
+    if max_depth is not None:
+        merged = limit_depth(merged, parent, max_depth)
+    roots_of = tree_roots(merged, parent, max(segment_lengths, default=1))
+    flat = features.reshape(num_frames * num_tokens, dim).float()
+    sums = torch.zeros_like(flat).index_add_(0, roots_of, flat)
+    if true_mean:
+        counts = torch.bincount(roots_of, minlength=num_frames * num_tokens).to(torch.float32)
+    else:
+        # Official rule: a node's count grows by one per direct child, whatever that child accumulated.
+        frame = torch.arange(num_frames, device=device).unsqueeze(-1)
+        parent_global = torch.where(merged, (frame - 1) * num_tokens + parent, num_frames * num_tokens).flatten()
+        counts = torch.ones(num_frames * num_tokens + 1, dtype=torch.float32, device=device)
+        counts.index_add_(0, parent_global, torch.ones_like(parent_global, dtype=torch.float32))
+        counts = counts[:-1]
+    root_values = (sums / counts.clamp_min(1.0).unsqueeze(-1)).view(num_frames, num_tokens, dim)
+    return TreeMerge(merged=merged, root_values=root_values, floor_used=floor_used)
+
+
+def merge_segment(
+    features: Tensor,
+    token_mask: Tensor,
+    temporal_threshold: float,
+    num_selected: int,
+    num_merged: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TSTM on one segment, in the official function's terms (for tests and callers working per segment).
+
+    features: (T, N, D); token_mask: (T, N) bool, False for ADTS-selected tokens. Returns the kept roots'
+    values (R, D) in the input dtype, frames concatenated, their within-frame indices (R,) and per-frame counts
+    (T,).
+    """
+    selected = ~token_mask.bool()
+    result = spatiotemporal_merge(
+        features, selected, [features.shape[0]], temporal_threshold, num_selected + num_merged
+    )
+    keep = ~result.merged & ~selected
+    frame_index, token_index = torch.nonzero(keep, as_tuple=True)
+    tokens = result.root_values[frame_index, token_index].to(features.dtype)
+    return tokens, token_index, keep.sum(dim=-1)

@@ -1,0 +1,382 @@
+"""`compress`: FlashVID's vision-side compression of a whole video (spec sections 1-6).
+
+Stages: budgets (host arithmetic) -> DySeg segment lengths (one device sync) -> token selection for all frames at
+once -> TSTM for all multi-frame segments at once -> per-frame cluster counts (one device sync) -> DPC-kNN for
+all frames that need it, padded into at most two batches -> output ordered by global index f * N + n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
+from .config import FlashVIDConfig
+from .merging import spatiotemporal_merge
+from .segmentation import video_segment_lengths
+from .selection import select_tokens
+
+
+@dataclass(frozen=True)
+class Compression:
+    """The compressed video.
+
+    tokens: (M, D) in the input dtype; indices: (M,) int64 global indices f * N + n, ascending (an index can
+    appear twice: a one-frame segment clusters all its tokens, so a cluster centre can be a selected token);
+    segment_lengths: (S,) int64 frames per segment (a zero-length segment is possible, as in the official code);
+    segment_num_tokens: (S,) int64 output tokens per segment; token_budget, num_selected (ADTS tokens per frame)
+    and num_merged (contextual tokens per frame) as Python ints.
+    """
+
+    tokens: Tensor
+    indices: Tensor
+    segment_lengths: Tensor
+    segment_num_tokens: Tensor
+    token_budget: int
+    num_selected: int
+    num_merged: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def validate_inputs(features: Tensor, attention: Tensor, check_finite: bool = True) -> None:
+    """Raise ValueError unless features is (F, N, D) and attention (F, N), floating, finite, F, N, D >= 1."""
+    if not isinstance(features, Tensor) or not isinstance(attention, Tensor):
+        raise ValueError(
+            f"features and attention must be torch tensors, got {type(features).__name__} and "
+            f"{type(attention).__name__}"
+        )
+    if features.dim() != 3:
+        raise ValueError(f"features must have shape (F, N, D) (3 dims), got {tuple(features.shape)}")
+    if attention.dim() != 2:
+        raise ValueError(f"attention must have shape (F, N) (2 dims), got {tuple(attention.shape)}")
+    if tuple(attention.shape) != tuple(features.shape[:2]):
+        raise ValueError(
+            f"attention shape {tuple(attention.shape)} does not match features (F, N) = {tuple(features.shape[:2])}"
+        )
+    num_frames, num_tokens, dim = features.shape
+    if num_frames == 0:
+        raise ValueError("features has zero frames: nothing to compress")
+    if num_tokens == 0 or dim == 0:
+        raise ValueError(f"features shape {tuple(features.shape)} has no tokens or no feature dimensions")
+    if not features.is_floating_point() or not attention.is_floating_point():
+        raise ValueError(f"features and attention must be floating point, got {features.dtype} and {attention.dtype}")
+    if features.device != attention.device:
+        raise ValueError(f"features ({features.device}) and attention ({attention.device}) are on different devices")
+    if check_finite:
+        finite = torch.stack([torch.isfinite(features).all(), torch.isfinite(attention).all()]).tolist()
+        if not finite[0]:
+            raise ValueError("features contain NaN or inf")
+        if not finite[1]:
+            raise ValueError("attention contains NaN or inf")
+
+
+def _cluster_counts(num_merged: int, segment_lengths: list[int], passed_counts: list[int]) -> tuple[list[float], list[int]]:
+    """Per segment the merge ratio, per frame the cluster count (Python floats, as in the official code).
+
+    ratio = num_merged * L / (tokens passed on in the segment); clusters = ceil(n * ratio).
+    """
+    ratios: list[float] = []
+    clusters: list[int] = []
+    offset = 0
+    for length in segment_lengths:
+        counts = passed_counts[offset : offset + length]
+        total = sum(counts)
+        ratio = (num_merged * length) / total if length > 0 else 1.0
+        ratios.append(ratio)
+        clusters.extend(math.ceil(n * ratio) for n in counts)
+        offset += length
+    return ratios, clusters
+
+
+@torch.no_grad()
+def compress(
+    features: Tensor,
+    attention: Tensor,
+    config: FlashVIDConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    dpc_noise: Tensor | None = None,
+    check_finite: bool = True,
+) -> Compression:
+    """Compress one video's visual tokens with FlashVID.
+
+    features: (F, N, D) any float dtype (F frames of N tokens); attention: (F, N) the per-token attention
+    statistic. config: FlashVIDConfig (default: the official defaults).
+    generator: the generator of the DPC density tie-breaker (default: the device's default generator, drawn as
+    the official code draws it, so a torch.manual_seed before the call reproduces its outputs exactly).
+    dpc_noise: optional injected tie-breaker draws, every call's draws concatenated in call order (overrides
+    generator). check_finite: reject NaN/inf inputs (one pass over the inputs).
+    Nothing is mutated. Returns a Compression.
+    """
+    config = FlashVIDConfig() if config is None else config
+    if not isinstance(config, FlashVIDConfig):
+        raise ValueError(f"config must be a FlashVIDConfig, got {type(config).__name__}")
+    validate_inputs(features, attention, check_finite)
+    num_tokens = features.shape[1]
+    budget, num_selected, num_merged = config.budgets(num_tokens)
+    if budget > num_tokens:
+        raise ValueError(
+            f"token budget {budget} = ceil({num_tokens} * retention_ratio={config.retention_ratio} * "
+            f"expansion={config.expansion}) is larger than the frame's {num_tokens} tokens; lower retention_ratio "
+            "or expansion"
+        )
+    if num_merged > 0 and config.temporal_threshold >= 1.0:
+        raise ValueError(
+            f"temporal_threshold={config.temporal_threshold} lets no token merge, but {num_merged} merged tokens per "
+            "frame are budgeted (the official code divides by zero here): use temporal_threshold < 1 or alpha = 1"
+        )
+
+    lengths_tensor = video_segment_lengths(
+        features, config.segment_threshold, config.min_segment_num, config.complementary_segment, config.do_segment
+    )
+    return _compress(
+        features, attention, config, lengths_tensor, num_selected, num_merged, generator, dpc_noise
+    )
+
+
+@torch.no_grad()
+def compress_segment(
+    features: Tensor,
+    attention: Tensor,
+    config: FlashVIDConfig,
+    num_selected: int,
+    num_merged: int,
+    *,
+    generator: torch.Generator | None = None,
+    dpc_noise: Tensor | None = None,
+    check_finite: bool = True,
+) -> Compression:
+    """Compress frames that form ONE segment, with explicit per-frame budgets (the official per-segment step).
+
+    features: (T, N, D); attention: (T, N). num_selected + num_merged is the per-frame budget (the TSTM lower
+    bound uses it); config supplies the method and thresholds (its budget fields and do_segment are not used).
+    Returns a Compression whose indices are t * N + n within the segment, ascending.
+    """
+    if not isinstance(config, FlashVIDConfig):
+        raise ValueError(f"config must be a FlashVIDConfig, got {type(config).__name__}")
+    validate_inputs(features, attention, check_finite)
+    num_tokens = features.shape[1]
+    for name, value in (("num_selected", num_selected), ("num_merged", num_merged)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 0")
+    if num_selected + num_merged > num_tokens:
+        raise ValueError(f"num_selected + num_merged = {num_selected + num_merged} exceeds the {num_tokens} tokens per frame")
+    if num_merged > 0 and config.temporal_threshold >= 1.0:
+        raise ValueError(
+            f"temporal_threshold={config.temporal_threshold} lets no token merge, but {num_merged} merged tokens per "
+            "frame are budgeted (the official code divides by zero here): use temporal_threshold < 1"
+        )
+    if num_selected > 0 and config.alpha == 0.0:
+        raise ValueError("num_selected > 0 with alpha = 0: the official code runs no selection when alpha is 0")
+    lengths_tensor = torch.tensor([features.shape[0]], dtype=torch.long, device=features.device)
+    return _compress(features, attention, config, lengths_tensor, num_selected, num_merged, generator, dpc_noise)
+
+
+def _compress(
+    features: Tensor,
+    attention: Tensor,
+    config: FlashVIDConfig,
+    lengths_tensor: Tensor,
+    num_selected: int,
+    num_merged: int,
+    generator: torch.Generator | None,
+    dpc_noise: Tensor | None,
+) -> Compression:
+    num_frames, num_tokens, dim = features.shape
+    device = features.device
+    budget = num_selected + num_merged
+    segment_lengths: list[int] = lengths_tensor.tolist()  # sync 1: the segment structure drives the host side
+    frame_arange = torch.arange(num_frames, device=device)
+
+    # Token selection for every frame at once (event relevance is per segment).
+    selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
+    pieces_tokens: list[Tensor] = []
+    pieces_indices: list[Tensor] = []
+    if num_selected > 0:
+        keep = select_tokens(
+            features,
+            attention,
+            num_selected,
+            config.token_selection_method,
+            segment_lengths,
+            forbid_repick=True if config.adts_forbid_repick else None,
+        )  # (F, K)
+        selected[frame_arange.unsqueeze(-1), keep] = True
+        pieces_tokens.append(features[frame_arange.unsqueeze(-1), keep].reshape(-1, dim))
+        pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + keep).reshape(-1))
+
+    segment_num_tokens = [num_selected * length for length in segment_lengths]
+    if num_merged > 0:
+        cluster_tokens, cluster_indices, per_segment = _contextual_tokens(
+            features, selected, segment_lengths, config, budget, num_merged, generator, dpc_noise
+        )
+        pieces_tokens.extend(cluster_tokens)
+        pieces_indices.extend(cluster_indices)
+        segment_num_tokens = [a + b for a, b in zip(segment_num_tokens, per_segment)]
+
+    if pieces_indices:
+        all_indices = torch.cat(pieces_indices)
+        all_tokens = torch.cat(pieces_tokens)
+        order = torch.argsort(all_indices, stable=True)
+        tokens, indices = all_tokens[order], all_indices[order]
+    else:
+        tokens = features.new_zeros(0, dim)
+        indices = torch.zeros(0, dtype=torch.long, device=device)
+    return Compression(
+        tokens=tokens,
+        indices=indices,
+        segment_lengths=lengths_tensor,
+        segment_num_tokens=torch.tensor(segment_num_tokens, dtype=torch.long, device=device),
+        token_budget=budget,
+        num_selected=num_selected,
+        num_merged=num_merged,
+    )
+
+
+def _contextual_tokens(
+    features: Tensor,
+    selected: Tensor,
+    segment_lengths: list[int],
+    config: FlashVIDConfig,
+    budget: int,
+    num_merged: int,
+    generator: torch.Generator | None,
+    dpc_noise: Tensor | None,
+) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    """TSTM then per-frame DPC-kNN. Returns token pieces, index pieces and tokens per segment."""
+    num_frames, num_tokens, _ = features.shape
+    device, dtype = features.device, features.dtype
+    frame_length = torch.tensor(segment_lengths, dtype=torch.long).repeat_interleave(
+        torch.tensor(segment_lengths, dtype=torch.long)
+    ).to(device)
+    single_frame = frame_length == 1  # (F,) a one-frame segment passes ALL its tokens on (selected included)
+
+    if max(segment_lengths) > 1:
+        tree = spatiotemporal_merge(
+            features,
+            selected,
+            segment_lengths,
+            config.temporal_threshold,
+            budget,
+            max_depth=config.tstm_max_depth,
+            max_breadth=config.tstm_max_breadth,
+            true_mean=config.tstm_true_mean,
+        )
+        passed = torch.where(single_frame.unsqueeze(-1), True, ~tree.merged & ~selected)
+        # Official values are formed in the input dtype; round the float32 means to it.
+        values = tree.root_values if dtype == torch.float32 else tree.root_values.to(dtype)
+    else:
+        passed = torch.ones(num_frames, num_tokens, dtype=torch.bool, device=device)
+        values = features
+    # Per frame, the passed-on tokens first, in index order (a stable sort of the "not passed" flags).
+    token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)  # (F, N)
+    passed_counts: list[int] = passed.sum(dim=-1).tolist()  # sync 2: cluster counts are host arithmetic
+
+    ratios, clusters = _cluster_counts(num_merged, segment_lengths, passed_counts)
+    frame_ratio = [ratio for ratio, length in zip(ratios, segment_lengths) for _ in range(length)]
+    dpc_frames = [f for f in range(num_frames) if clusters[f] > 0 and frame_ratio[f] < 1.0]
+    pass_frames = [f for f in range(num_frames) if not (clusters[f] > 0 and frame_ratio[f] < 1.0)]
+    per_frame_out = [clusters[f] if f in set(dpc_frames) else passed_counts[f] for f in range(num_frames)]
+
+    # Tie-breaker draws in call order (segment order, then frame order = frame order).
+    draw_sizes = [passed_counts[f] for f in dpc_frames]
+    if dpc_noise is not None:
+        noise_flat = dpc_noise.to(device=device, dtype=torch.float32).flatten()
+        if noise_flat.numel() != sum(draw_sizes):
+            raise ValueError(
+                f"dpc_noise has {noise_flat.numel()} values but the DPC calls draw {sum(draw_sizes)} in total"
+            )
+    else:
+        noise_flat = draw_density_noise(draw_sizes, device, generator)
+    noise_offset = dict(zip(dpc_frames, [sum(draw_sizes[:i]) for i in range(len(draw_sizes))]))
+
+    pieces_tokens: list[Tensor] = []
+    pieces_indices: list[Tensor] = []
+    small = [f for f in dpc_frames if passed_counts[f] <= CDIST_DIRECT_MAX_POINTS]
+    large = [f for f in dpc_frames if passed_counts[f] > CDIST_DIRECT_MAX_POINTS]
+    for group in (small, large):
+        if not group:
+            continue
+        tokens, indices = _cluster_frames(
+            values, token_order, group, passed_counts, clusters, noise_flat, noise_offset, num_tokens
+        )
+        pieces_tokens.append(tokens.to(dtype))
+        pieces_indices.append(indices)
+    if pass_frames:
+        width = max(max(passed_counts[f] for f in pass_frames), 1)
+        frame_index = torch.tensor(pass_frames, dtype=torch.long, device=device)
+        counts = torch.tensor([passed_counts[f] for f in pass_frames], dtype=torch.long, device=device)
+        local = token_order[frame_index, :width]
+        used = torch.arange(width, device=device).unsqueeze(0) < counts.unsqueeze(1)
+        rows = frame_index.unsqueeze(-1).expand(-1, width)[used]
+        cols = local[used]
+        pieces_tokens.append(values[rows, cols].to(dtype))
+        pieces_indices.append(rows * num_tokens + cols)
+
+    per_segment: list[int] = []
+    offset = 0
+    for length in segment_lengths:
+        per_segment.append(sum(per_frame_out[offset : offset + length]))
+        offset += length
+    return pieces_tokens, pieces_indices, per_segment
+
+
+def _cluster_frames(
+    values: Tensor,
+    token_order: Tensor,
+    frames: list[int],
+    passed_counts: list[int],
+    clusters: list[int],
+    noise_flat: Tensor,
+    noise_offset: dict[int, int],
+    num_tokens: int,
+) -> tuple[Tensor, Tensor]:
+    """DPC-kNN on the given frames (one padded batch) and the cluster means. Returns (K_total, D) float32 tokens
+    (clusters frame by frame, each frame's in descending score order) and their global indices (the centres')."""
+    device = values.device
+    dim = values.shape[-1]
+    counts_list = [passed_counts[f] for f in frames]
+    cluster_list = [clusters[f] for f in frames]
+    neighbour_list = [min(k, 7) for k in cluster_list]
+    width = max(counts_list)
+    frame_index = torch.tensor(frames, dtype=torch.long, device=device)
+    counts = torch.tensor(counts_list, dtype=torch.long, device=device)
+    num_clusters = torch.tensor(cluster_list, dtype=torch.long, device=device)
+    num_neighbours = torch.tensor(neighbour_list, dtype=torch.long, device=device)
+    slots = torch.arange(width, device=device)
+    used = slots.unsqueeze(0) < counts.unsqueeze(1)  # (C, n)
+    local = token_order[frame_index, :width]  # (C, n) within-frame token indices
+    points = values[frame_index.unsqueeze(-1), local].float().masked_fill(~used.unsqueeze(-1), 0.0)
+    if noise_flat.numel() > 0:
+        offsets = torch.tensor([noise_offset[f] for f in frames], dtype=torch.long, device=device)
+        noise_index = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp_max(noise_flat.numel() - 1)
+        noise = noise_flat[noise_index].masked_fill(~used, 0.0)
+    else:
+        noise = torch.zeros(len(frames), width, dtype=torch.float32, device=device)
+    assignment, centres = dpc_knn_ragged(
+        points, counts, num_clusters, num_neighbours, noise, max(cluster_list), neighbour_list
+    )
+    # Cluster c of frame i has the global slot base[i] + c; padding goes to a dummy slot at the end.
+    bases = [0]
+    for k in cluster_list[:-1]:
+        bases.append(bases[-1] + k)
+    total = bases[-1] + cluster_list[-1]
+    base = torch.tensor(bases, dtype=torch.long, device=device)
+    slot_of_point = torch.where(used, base.unsqueeze(1) + assignment, total).flatten()
+    sums = torch.zeros(total + 1, dim, dtype=torch.float32, device=device)
+    sums.index_add_(0, slot_of_point, points.reshape(-1, dim))
+    sizes = torch.zeros(total + 1, dtype=torch.float32, device=device)
+    sizes.index_add_(0, slot_of_point, torch.ones_like(slot_of_point, dtype=torch.float32))
+    means = sums[:total] / sizes[:total].unsqueeze(-1)
+    # Centres, frame by frame, in score order: pick slot j < K_i of row i.
+    width_k = centres.shape[1]
+    pick = torch.cat([torch.arange(k) + i * width_k for i, k in enumerate(cluster_list)]).to(device)
+    centre_local = local.gather(1, centres).flatten()[pick]
+    centre_frame = frame_index.repeat_interleave(torch.tensor(cluster_list, device=device), output_size=total)
+    return means, centre_frame * num_tokens + centre_local

@@ -1,0 +1,145 @@
+"""Per-frame token selection: attention (ATS), diversity (DTS) and the calibrated variants (ADTS).
+
+All functions run on a batch of frames at once; the greedy Max-Min selection keeps a running minimum, so each
+step costs O(N) per frame instead of re-reducing over all picked rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import TOKEN_SELECTION_METHODS
+
+# The official code scales the attention statistic by 1e6 "to avoid numerical issues"; it changes the products.
+ATTENTION_SCALE = 1e6
+
+
+def cosine_distances(features: Tensor) -> Tensor:
+    """1 - cosine similarity between the tokens of each frame, in float32.
+
+    features: (B, N, D) any float dtype. Returns (B, N, N) float32.
+    """
+    features = features.float()
+    normed = features / features.norm(p=2, dim=-1, keepdim=True)
+    return 1.0 - torch.bmm(normed, normed.transpose(-1, -2))
+
+
+def event_relevance(features: Tensor, segment_lengths: Tensor | list[int] | None = None) -> Tensor:
+    """E[b, j] = mean over the frames c of b's segment of dot(X[b, j], mean_n X[c, n]), in float32.
+
+    features: (B, N, D); segment_lengths: (S,) summing to B, or None for one segment of all B frames.
+    Returns (B, N). Computed as the dot product with the segment's mean frame descriptor (the same value as the
+    mean of the per-frame dot products, up to float rounding, at 1/F of the cost).
+    """
+    features = features.float()
+    frame_means = features.mean(dim=1)  # (B, D)
+    num_frames = features.shape[0]
+    if segment_lengths is None:
+        segment_mean = frame_means.mean(dim=0, keepdim=True).expand(num_frames, -1)
+    else:
+        lengths = torch.as_tensor(segment_lengths, dtype=torch.long, device=features.device)
+        segment_ids = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=features.device), lengths, output_size=num_frames
+        )
+        sums = torch.zeros(lengths.numel(), frame_means.shape[1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, segment_ids, frame_means)
+        means = sums / lengths.clamp_min(1).unsqueeze(-1).to(torch.float32)
+        segment_mean = means[segment_ids]
+    return torch.bmm(features, segment_mean.unsqueeze(-1)).squeeze(-1)
+
+
+def calibrated_distances(
+    features: Tensor,
+    attention: Tensor | None,
+    method: str,
+    segment_lengths: Tensor | list[int] | None = None,
+) -> Tensor:
+    """The distance matrix that the greedy selection maximises the minimum of, in float32.
+
+    features: (B, N, D); attention: (B, N) (unused by div). Returns (B, N, N) where column j is scaled:
+    div: 1 - cos; attn_div: (1 - cos) * (A[j] * 1e6); attn_div_v2: ((1 - cos) * (A[j] * 1e6)) * E[j];
+    div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation).
+    """
+    distances = cosine_distances(features)
+    if method in ("attn_div", "attn_div_v2"):
+        if attention is None:
+            raise ValueError(f"token_selection_method={method!r} needs the attention statistic")
+        distances = distances * (attention.float() * ATTENTION_SCALE).unsqueeze(1)
+    if method in ("attn_div_v2", "div_er"):
+        distances = distances * event_relevance(features, segment_lengths).unsqueeze(1)
+    return distances
+
+
+def max_min_diversity(distances: Tensor, num_tokens: int, forbid_repick: bool = True) -> Tensor:
+    """Greedy Max-Min diversity selection on each frame's distance matrix.
+
+    distances: (B, N, N), entry [i, j] is the distance from i to candidate j. Returns (B, num_tokens) int64 in
+    pick order. First pick: the column whose second-smallest entry is largest (the smallest is normally the
+    token itself). Then: the column with the largest minimum distance to the picked rows. Ties go to the lowest
+    index. forbid_repick=False reproduces the official attn_div_v2, which can pick a token twice.
+    """
+    batch, num_candidates, _ = distances.shape
+    if num_tokens <= 0:
+        return torch.zeros(batch, 0, dtype=torch.long, device=distances.device)
+    if num_candidates == 1:
+        # The official code needs two rows for its first pick; with one token the only choice is that token.
+        return torch.zeros(batch, num_tokens, dtype=torch.long, device=distances.device)
+    second_smallest = torch.topk(distances, k=2, dim=1, largest=False).values[:, 1, :]  # (B, N)
+    pick = second_smallest.argmax(dim=-1)  # (B,)
+    rows = distances.reshape(batch * num_candidates, num_candidates)
+    row_base = torch.arange(batch, device=distances.device) * num_candidates
+    picks = torch.empty(batch, num_tokens, dtype=torch.long, device=distances.device)
+    picks[:, 0] = pick
+    running_min = rows.index_select(0, row_base + pick)  # (B, N): min over picked rows so far
+    if forbid_repick:
+        # The official code sets picked columns to -1 before the argmax; keep that mask separately so the running
+        # minimum stays exact whatever the sign of the distances.
+        picked = torch.zeros(batch, num_candidates, dtype=torch.bool, device=distances.device)
+        batch_index = torch.arange(batch, device=distances.device)
+        picked[batch_index, pick] = True
+    for step in range(1, num_tokens):
+        scores = running_min.masked_fill(picked, -1.0) if forbid_repick else running_min
+        pick = scores.argmax(dim=-1)
+        picks[:, step] = pick
+        if step + 1 < num_tokens:
+            running_min = torch.minimum(running_min, rows.index_select(0, row_base + pick))
+            if forbid_repick:
+                picked[batch_index, pick] = True
+    return picks
+
+
+def select_tokens(
+    features: Tensor,
+    attention: Tensor | None,
+    num_tokens: int,
+    method: str,
+    segment_lengths: Tensor | list[int] | None = None,
+    forbid_repick: bool | None = None,
+) -> Tensor:
+    """Per-frame token selection. Returns keep indices (B, num_tokens) int64, ascending within each frame.
+
+    features: (B, N, D); attention: (B, N) (ignored by div and div_er); segment_lengths: the frames' segments,
+    used by attn_div_v2 and div_er for event relevance (None: all B frames form one segment).
+    forbid_repick: None = the official behaviour of each method (only attn_div_v2 may pick a token twice).
+    """
+    if method not in TOKEN_SELECTION_METHODS:
+        raise ValueError(f"token_selection_method={method!r} is invalid: allowed {', '.join(TOKEN_SELECTION_METHODS)}")
+    batch, num_candidates, _ = features.shape
+    if num_tokens < 0 or num_tokens > num_candidates:
+        raise ValueError(f"num_tokens={num_tokens} is out of range: allowed 0..{num_candidates} (tokens per frame)")
+    if num_tokens == 0 or batch == 0:
+        return torch.zeros(batch, num_tokens, dtype=torch.long, device=features.device)
+    if method == "attn":
+        if attention is None:
+            raise ValueError("token_selection_method='attn' needs the attention statistic")
+        return torch.topk(attention, k=num_tokens, dim=-1).indices.sort(dim=-1).values
+    if forbid_repick is None:
+        forbid_repick = method != "attn_div_v2"
+    distances = calibrated_distances(features, attention, method, segment_lengths)
+    return max_min_diversity(distances, num_tokens, forbid_repick).sort(dim=-1).values
+
+
+def gather_tokens(features: Tensor, indices: Tensor) -> Tensor:
+    """features (B, N, D), indices (B, K) -> (B, K, D), the original values (input dtype)."""
+    return torch.gather(features, 1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
