@@ -1,0 +1,285 @@
+"""`flashvid-report`: a sweep's lmms-eval results as the paper's tables, beside the paper's numbers, with plots.
+
+    flashvid-report configs/sweeps/table1_llava_onevision.yaml
+
+writes into results/<sweep>/: <sweep>.csv / .md (our runs, in the paper's columns), <sweep>_vs_paper.csv / .md
+(each of our rows, the paper's row and the difference) and accuracy_vs_retention.png. Tables hold no timestamps
+and keep the sweep file's run order, so the same results give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmms_eval_models.sweeps import store
+from lmms_eval_models.sweeps.paper import default_paper_dir, paper_frame, values_match
+from lmms_eval_models.sweeps.results import BENCHMARK_COLUMNS, read_scores
+from lmms_eval_models.sweeps.spec import Run, Sweep, SweepError, load_sweep
+
+METHOD_NAMES = {"flashvid": "FlashVID", "fastv": "FastV", "visionzip": "VisionZip", "divprune": "DivPrune",
+                "fastvid": "FastVID", "uniform": "Uniform", "random": "Random", "none": "Vanilla",
+                "prunevid": "PruneVID"}
+FRAME_KEYS = ("max_frames_num", "max_num_frames", "num_frames")
+PRETTY = {"videomme_short": "VideoMME S", "videomme_medium": "VideoMME M", "videomme_long": "VideoMME L",
+          "videomme_overall": "VideoMME", "egoschema_subset": "EgoSchema subset", "egoschema_total": "EgoSchema",
+          "longvideobench": "LongVideoBench", "mvbench": "MVBench", "mlvu": "MLVU", "avg_score": "Avg",
+          "rel_acc_pct": "Rel. Acc (%)", "retention_ratio": "R (%)"}
+PLOT_COLUMNS = ("videomme_overall", "egoschema_subset", "egoschema_total", "longvideobench", "mvbench", "mlvu",
+                "avg_score")
+
+
+# ------------------------------------------------------------------------------------------ run fields
+
+
+def method_of(model_args: Mapping[str, Any]) -> str:
+    """The paper's method name of a run: `method` (baselines) or enable_flashvid (FlashVID vs vanilla)."""
+    if "method" in model_args:
+        return METHOD_NAMES.get(str(model_args["method"]).lower(), str(model_args["method"]))
+    enabled = model_args.get("enable_flashvid", True)
+    if enabled is False or str(enabled).lower() == "false":
+        return "Vanilla"
+    return "FlashVID" if "enable_flashvid" in model_args or "retention_ratio" in model_args else "—"
+
+
+def run_fields(run: Run) -> dict[str, Any]:
+    """What a report row says about a run, and what `paper.match` can refer to (plus every model_arg)."""
+    method = method_of(run.model_args)
+    ratio = run.model_args.get("retention_ratio")
+    retention = 100.0 if method == "Vanilla" else (100 * float(ratio) if isinstance(ratio, int | float) else math.nan)
+    frames = next((run.model_args[key] for key in FRAME_KEYS if key in run.model_args), None)
+    return {**run.model_args, "model": run.model_entry, "run": run.label or run.name, "label": run.label or run.name,
+            "method": method, "retention_ratio": round(retention, 2), "frames": frames}
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def _egoschema_for_avg(row: Mapping[str, Any]) -> float:
+    total = row.get("egoschema_total", math.nan)
+    return total if isinstance(total, float) and not math.isnan(total) else row.get("egoschema_subset", math.nan)
+
+
+def average(row: Mapping[str, Any], columns: Sequence[str]) -> float:
+    """The paper's Avg: overall VideoMME, EgoSchema (Total; the subset where the total was not scored),
+    LongVideoBench, MVBench and MLVU, over those the sweep evaluates."""
+    parts = []
+    for column in ("videomme_overall", "egoschema", "longvideobench", "mvbench", "mlvu"):
+        if column == "egoschema":
+            if "egoschema_subset" in columns or "egoschema_total" in columns:
+                parts.append(_egoschema_for_avg(row))
+        elif column in columns:
+            parts.append(row.get(column, math.nan))
+    return sum(parts) / len(parts) if parts and not any(math.isnan(p) for p in parts) else math.nan
+
+
+def _reference_ids(runs: Sequence[Run]) -> dict[str, str]:
+    """Per model entry, the run that Rel. Acc divides by: the one marked `reference`, else the first vanilla."""
+    chosen: dict[str, str] = {}
+    for run in runs:
+        if run.reference:
+            chosen[run.model_entry] = run.run_id
+    for run in runs:
+        if run.model_entry not in chosen and method_of(run.model_args) == "Vanilla":
+            chosen[run.model_entry] = run.run_id
+    return chosen
+
+
+def collect(sweep: Sweep, sweep_dir: Path) -> pd.DataFrame:
+    """One row per finished run, in the sweep file's order, with the paper's columns."""
+    rows = []
+    for run in sweep.runs:
+        run_dir = store.finished_dir(sweep_dir, run.run_id)
+        if not store.is_finished(sweep_dir, run.run_id):
+            continue
+        rows.append({**run_fields(run), **read_scores(run_dir), "run_id": run.run_id})
+    columns = [c for c in BENCHMARK_COLUMNS if any(c in row for row in rows)]
+    if sweep.report_benchmarks:
+        columns = [c for c in columns if c in sweep.report_benchmarks or c.startswith("videomme")
+                   and "videomme_overall" in sweep.report_benchmarks]
+    for row in rows:
+        row["avg_score"] = average(row, columns)
+    references = _reference_ids(sweep.runs)
+    by_id = {row["run_id"]: row for row in rows}
+    for row in rows:
+        reference = by_id.get(references.get(row["model"], ""))
+        ok = reference is not None and reference["avg_score"] > 0
+        row["rel_acc_pct"] = 100 * row["avg_score"] / reference["avg_score"] if ok else math.nan
+    keys = ["model", "run", "method", "retention_ratio"]
+    if any(row["frames"] is not None for row in rows):
+        keys.append("frames")
+    frame = pd.DataFrame(rows, columns=[*keys, *columns, "avg_score", "rel_acc_pct", "run_id"])
+    if len(sweep.models) == 1:
+        frame = frame.drop(columns=["model"])
+    return frame
+
+
+def match_paper_rows(sweep: Sweep, ours: pd.DataFrame, paper_dir: Path | None) -> list[dict[str, Any] | None]:
+    """For each of our rows, the paper row whose `paper.match` fields equal ours (None if none does)."""
+    if sweep.paper is None:
+        return [None] * len(ours)
+    table = paper_frame(sweep.paper.table, paper_dir)
+    for column, value in sweep.paper.where.items():
+        table = table[table[column].astype(str) == value]
+    fields = {run.run_id: run_fields(run) for run in sweep.runs}
+    matched = []
+    for run_id in ours["run_id"]:
+        candidates = [row for row in table.to_dict("records")
+                      if all(values_match(row.get(paper_key), fields[run_id].get(run_key))
+                             for paper_key, run_key in sweep.paper.match.items())]
+        matched.append(candidates[0] if candidates else None)
+    return matched
+
+
+def comparison(ours: pd.DataFrame, paper_rows: Sequence[dict[str, Any] | None]) -> pd.DataFrame:
+    """Our row, the paper's row and ours minus the paper's, for each run (paper cells empty when unmatched)."""
+    metrics = [c for c in ours.columns if c in (*BENCHMARK_COLUMNS, "avg_score", "rel_acc_pct")]
+    keys = [c for c in ours.columns if c not in metrics and c != "run_id"]
+    rows = []
+    for record, paper in zip(ours.to_dict("records"), paper_rows):
+        head = {key: record[key] for key in keys}
+        paper_values = {m: _number(paper.get(m)) if paper else math.nan for m in metrics}
+        rows.append({**head, "source": "ours", **{m: record[m] for m in metrics}})
+        rows.append({**head, "source": "paper", **paper_values})
+        rows.append({**head, "source": "diff", **{m: record[m] - paper_values[m] for m in metrics}})
+    return pd.DataFrame(rows, columns=[*keys, "source", *metrics])
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _cell(value: Any, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:+.1f}" if signed else f"{value:.1f}"
+    return str(value)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    headers = [PRETTY.get(column, column) for column in frame.columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for record in frame.to_dict("records"):
+        signed = record.get("source") == "diff"
+        lines.append("| " + " | ".join(_cell(record[c], signed and c not in ("retention_ratio", "frames"))
+                                       for c in frame.columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_csv(path, index=False, float_format="%.2f", lineterminator="\n")
+
+
+def plot_accuracy(ours: pd.DataFrame, paper_rows: Sequence[dict[str, Any] | None], path: Path, title: str) -> None:
+    """Accuracy against retention ratio, one panel per benchmark; vanilla dashed, the paper's points hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in PLOT_COLUMNS if c in ours.columns]
+    figure, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.0), squeeze=False)
+    group_keys = ["model", "method"] if "model" in ours.columns else ["method"]
+    records = ours.assign(_paper=list(paper_rows)).to_dict("records")
+    for axis, column in zip(axes[0], columns):
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for record in records:
+            groups.setdefault(tuple(record[k] for k in group_keys), []).append(record)
+        for key, members in groups.items():
+            name = " / ".join(str(k) for k in key)
+            if key[-1] == "Vanilla":
+                axis.axhline(members[0][column], linestyle="--", color="grey", linewidth=1, label=name)
+                continue
+            members = sorted(members, key=lambda r: r["retention_ratio"])
+            line = axis.plot([r["retention_ratio"] for r in members], [r[column] for r in members], marker="o",
+                             label=name)[0]
+            paper = [(r["retention_ratio"], _number(r["_paper"].get(column))) for r in members if r["_paper"]]
+            if paper:
+                axis.plot(*zip(*paper), marker="o", linestyle=":", markerfacecolor="none", color=line.get_color(),
+                          label=f"{name} (paper)")
+        axis.set_title(PRETTY.get(column, column))
+        axis.set_xlabel("retention ratio R (%)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize="small",
+                  bbox_to_anchor=(0.5, -0.02))
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: identical bytes per input
+    plt.close(figure)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    table_csv: Path
+    table_md: Path
+    comparison_csv: Path | None
+    comparison_md: Path | None
+    plot: Path | None
+
+
+def report_sweep(sweep: Sweep, sweep_dir: Path, out_dir: Path | None = None, paper_dir: Path | None = None,
+                 print_table: bool = False) -> ReportPaths:
+    """Write the sweep's tables (and plot) into out_dir (default results/<sweep>/); return their paths."""
+    out_dir = out_dir or Path("results") / sweep.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paper_dir = paper_dir or default_paper_dir()
+    ours = collect(sweep, sweep_dir)
+    if ours.empty:
+        raise SystemExit(f"flashvid-report: no finished run of sweep {sweep.name} in {sweep_dir}")
+    paper_rows = match_paper_rows(sweep, ours, paper_dir)
+    table_csv, table_md = out_dir / f"{sweep.name}.csv", out_dir / f"{sweep.name}.md"
+    write_csv(ours, table_csv)
+    markdown = to_markdown(ours.drop(columns=["run_id"]))
+    table_md.write_text(f"# {sweep.name}\n\n{markdown}")
+    comparison_csv = comparison_md = None
+    if sweep.paper is not None:
+        compared = comparison(ours, paper_rows)
+        comparison_csv, comparison_md = out_dir / f"{sweep.name}_vs_paper.csv", out_dir / f"{sweep.name}_vs_paper.md"
+        write_csv(compared, comparison_csv)
+        comparison_md.write_text(f"# {sweep.name} against the paper ({sweep.paper.table})\n\n{to_markdown(compared)}")
+    plot = out_dir / "accuracy_vs_retention.png"
+    plot_accuracy(ours, paper_rows, plot, sweep.name)
+    if print_table:
+        print(f"\n{markdown}")
+        if comparison_md is not None:
+            print(f"against the paper: {comparison_md}")
+        print(f"tables: {table_csv} {table_md}\nplot: {plot}", flush=True)
+    return ReportPaths(table_csv, table_md, comparison_csv, comparison_md, plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashvid-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_file", type=Path)
+    parser.add_argument("--output-root", default=None, help="where the sweep's runs are (default: its output_root)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: results/<sweep>)")
+    parser.add_argument("--paper-dir", type=Path, default=None, help="folder of paper_tables.yaml")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep_file)
+    except SweepError as error:
+        print(f"flashvid-report: invalid sweep file {args.sweep_file}: {error}", file=sys.stderr)
+        return 2
+    report_sweep(sweep, sweep.sweep_dir(args.output_root), args.out, args.paper_dir, print_table=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
