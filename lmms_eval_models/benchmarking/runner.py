@@ -1,0 +1,389 @@
+"""Build (or load) the model, feed it videos, and time vanilla and FlashVID runs in one process.
+
+Every configuration gets its warm-up calls first, then `repeats` timed `generate(max_new_tokens=1)` calls per
+video; a row holds the medians. The same model instance serves every row: FlashVID is applied to it per ratio
+and removed again, so weights, inputs and kernels are shared and the ratios are measured like for like.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmms_eval_models.benchmarking.flops import LLMShape, prefill_tflops
+from lmms_eval_models.benchmarking.inputs import (
+    VideoInputs,
+    build_inputs,
+    decode_video,
+    synthetic_frames,
+    to_device,
+)
+from lmms_eval_models.benchmarking.presets import FAMILY_LLAVA, FAMILY_QWEN2_5, ModelPreset, family_of_model
+from lmms_eval_models.benchmarking.timing import (
+    StageModules,
+    StageProbe,
+    StageTimes,
+    clock_for,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
+
+PAPER_PRUNING_LAYER = 20
+PAPER_LLM_LAYERS = 28
+
+
+@dataclass
+class BenchSettings:
+    """Everything one benchmark run depends on (what `flashvid-bench` parses)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    frames: int
+    ratios: list[float]
+    preset: ModelPreset | None = None  # build from config with random weights
+    checkpoint: str | None = None  # or load this checkpoint
+    video_layout: str | None = None  # LLaVA: "onevision" / "llava_video"; None: the preset's
+    warmup: int = 1
+    repeats: int = 3
+    prompt_tokens: int = 128
+    frame_size: int = 448  # Qwen2.5-VL frame side in pixels (multiple of 28)
+    videos: list[str] = field(default_factory=list)  # video files; empty: one synthetic video
+    seed: int = 0
+    attn_implementation: str = "sdpa"
+    flashvid_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Measurement:
+    """One timed call."""
+
+    stages: StageTimes
+    compression_ms: float
+    peak_memory: int | None
+    stats: Any  # FlashVIDStats or None
+
+
+@dataclass
+class MethodRow:
+    """One table row: medians over videos × repeats."""
+
+    method: str
+    retention_ratio: float | None
+    vision_ms: float
+    compression_ms: float
+    llm_forward_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    between_ms: float
+    vision_layer_ms: float
+    peak_memory_gib: float | None
+    tflops: float
+    llm_visual_tokens: int
+    visual_tokens_after_pruning: int
+    num_segments: int | None
+    vision_attention: str
+    calls: int
+
+
+@dataclass
+class BenchResult:
+    settings: BenchSettings
+    model_name: str
+    family: str
+    video_layout: str | None
+    rows: list[MethodRow]
+    visual_tokens_vanilla: int
+    sequence_length: int
+    device_name: str
+    notes: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_model(preset: ModelPreset, device: torch.device, dtype: torch.dtype, attn: str, seed: int) -> nn.Module:
+    """The preset's architecture with random weights, created directly on `device` in `dtype`.
+
+    Creating under `torch.device(device)` allocates and initialises every weight there: a 7B model never
+    materialises on the host.
+    """
+    import transformers
+
+    config = preset.build_config()
+    model_class = (
+        transformers.LlavaOnevisionForConditionalGeneration
+        if preset.family == FAMILY_LLAVA
+        else transformers.Qwen2_5_VLForConditionalGeneration
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype, attn: str) -> nn.Module:
+    """A checkpoint from local disk (or the HF cache), loaded onto `device`."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, device_map=str(device), attn_implementation=attn
+    )
+    return model.eval()
+
+
+def stage_modules(model: nn.Module, family: str) -> StageModules:
+    """The family's stage boundaries (module names are the same in transformers 4.57 and 5.x)."""
+    inner = model.model
+    if family == FAMILY_LLAVA:
+        tower = inner.vision_tower
+        encoder = getattr(tower, "vision_model", tower).encoder
+        return StageModules(tower, inner.multi_modal_projector, list(encoder.layers), inner.language_model)
+    if family == FAMILY_QWEN2_5:
+        visual = inner.visual
+        return StageModules(visual, visual, list(visual.blocks), inner.language_model)
+    raise ValueError(f"no stage map for family {family!r}")
+
+
+def vision_attention_description(modules: StageModules, model: nn.Module, patched: bool) -> str:
+    """How the vision encoder's attention runs: its implementation, and which layers a patch made eager.
+
+    A FlashVID patch swaps the class of the attention module(s) it reads the statistic from (ToMe-style
+    instance patching leaves `_flashvid_original_class` on them); every other layer keeps the implementation.
+    """
+    vision_config = getattr(model.config, "vision_config", None)
+    implementation = getattr(vision_config, "_attn_implementation", None) or "default"
+    layers = len(modules.vision_layers)
+    if not patched:
+        return f"{implementation} ×{layers}"
+    swapped = sum(
+        1 for layer in modules.vision_layers for sub in layer.modules() if "_flashvid_original_class" in sub.__dict__
+    )
+    if implementation == "eager":
+        return f"eager ×{layers} (eager everywhere)"
+    if swapped == 0:
+        return f"{implementation} ×{layers}"
+    return f"{implementation} ×{layers - swapped} + eager ×{swapped} (statistic)"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def video_inputs(settings: BenchSettings, family: str, config: Any) -> list[VideoInputs]:
+    """One input set per video: the given files, or one synthetic video."""
+    if settings.videos:
+        clips = [decode_video(path, settings.frames) for path in settings.videos]
+    else:
+        side = settings.frame_size if family == FAMILY_QWEN2_5 else config.vision_config.image_size
+        clips = [synthetic_frames(settings.frames, side, side, seed=settings.seed)]
+    return [
+        to_device(build_inputs(family, config, clip, settings.prompt_tokens, settings.frame_size, settings.seed),
+                  settings.device, settings.dtype)
+        for clip in clips
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- FlashVID
+
+
+def flashvid_config(family: str, ratio: float, llm_layers: int, overrides: dict[str, Any]) -> Any:
+    """The official scripts' settings for the family at `ratio`, with the pruning layer kept at K/L = 20/28.
+
+    LLaVA: attn_div_v2, min_segment_num 8; Qwen2.5-VL: attn_div, min_segment_num 4 (paper App. C.2, scripts).
+    """
+    from flashvid_core import FlashVIDConfig
+
+    values: dict[str, Any] = {"retention_ratio": ratio}
+    if family == FAMILY_QWEN2_5:
+        values.update(token_selection_method="attn_div", min_segment_num=4)
+    else:
+        values.update(token_selection_method="attn_div_v2", min_segment_num=8)
+    if llm_layers != PAPER_LLM_LAYERS:
+        values["pruning_layer"] = max(1, round(llm_layers * PAPER_PRUNING_LAYER / PAPER_LLM_LAYERS))
+    values.update(overrides)
+    return FlashVIDConfig.from_mapping(values)
+
+
+def _apply(model: nn.Module, config: Any, family: str, video_layout: str | None) -> None:
+    from lmms_eval_models.patches import apply_flashvid
+
+    options = {"video_layout": video_layout} if family == FAMILY_LLAVA and video_layout else {}
+    apply_flashvid(model, config, **options)
+
+
+def _remove(model: nn.Module) -> None:
+    from lmms_eval_models.patches import is_patched, remove_flashvid
+
+    if is_patched(model):
+        remove_flashvid(model)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _generate_kwargs(model: nn.Module) -> dict[str, Any]:
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    eos = getattr(text_config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    return {"max_new_tokens": 1, "do_sample": False, "pad_token_id": eos if eos is not None else 0}
+
+
+def time_call(model: nn.Module, probe: StageProbe, inputs: VideoInputs, device: torch.device) -> Measurement:
+    """One `generate(max_new_tokens=1)` call (TTFT) with its stage times."""
+    clock = probe.clock
+    probe.reset()
+    model.__dict__.pop("flashvid_stats", None)  # a stale value would be read as this call's
+    reset_peak_memory(device)
+    clock.synchronize()
+    start = clock.mark()
+    with torch.inference_mode():
+        model.generate(**inputs.model_kwargs, **_generate_kwargs(model))
+    end = clock.mark()
+    stages = probe.times(start, end)
+    stats = getattr(model, "flashvid_stats", None)
+    compression_ms = float(stats.compression_ms) if stats is not None else 0.0
+    return Measurement(stages, compression_ms, peak_memory_bytes(device), stats)
+
+
+def measure(
+    model: nn.Module,
+    probe: StageProbe,
+    inputs: Sequence[VideoInputs],
+    settings: BenchSettings,
+    progress: Callable[[], None],
+) -> list[Measurement]:
+    """Warm-up calls (discarded), then `repeats` timed calls per video."""
+    for _ in range(settings.warmup):
+        time_call(model, probe, inputs[0], settings.device)
+        progress()
+    timed = []
+    for video in inputs:
+        for _ in range(settings.repeats):
+            timed.append(time_call(model, probe, video, settings.device))
+            progress()
+    return timed
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summarise(
+    method: str,
+    ratio: float | None,
+    calls: list[Measurement],
+    text_tokens: int,
+    shape: LLMShape,
+    pruning_layer: int | None,
+    vision_attention: str,
+) -> MethodRow:
+    """Medians over the timed calls; TFLOPs by Eq. 12 from the token counts the LLM actually received."""
+    compression = _median([c.compression_ms for c in calls])
+    llm_forward = _median([c.stages.llm_forward_ms for c in calls])
+    llm_visual = int(_median([c.stages.llm_sequence_length - text_tokens for c in calls]))
+    stats = calls[-1].stats
+    pruned_away = 0
+    if stats is not None:
+        pruned_away = max(0, stats.visual_tokens_compressed - stats.visual_tokens_after_pruning)
+    after_pruning = llm_visual - pruned_away
+    peaks = [c.peak_memory for c in calls if c.peak_memory is not None]
+    layer_times = [t for c in calls for t in c.stages.vision_layer_ms]
+    return MethodRow(
+        method=method,
+        retention_ratio=ratio,
+        vision_ms=_median([c.stages.vision_ms for c in calls]),
+        compression_ms=compression,
+        llm_forward_ms=llm_forward,
+        prefill_ms=_median([c.compression_ms + c.stages.llm_forward_ms for c in calls]),
+        ttft_ms=_median([c.stages.total_ms for c in calls]),
+        between_ms=_median([c.stages.between_ms for c in calls]),
+        vision_layer_ms=_median(layer_times),
+        peak_memory_gib=max(peaks) / 2**30 if peaks else None,
+        tflops=prefill_tflops(shape, llm_visual, after_pruning, pruning_layer if pruned_away else None),
+        llm_visual_tokens=llm_visual,
+        visual_tokens_after_pruning=after_pruning,
+        num_segments=stats.num_segments if stats is not None else None,
+        vision_attention=vision_attention,
+        calls=len(calls),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_benchmark(settings: BenchSettings, progress_factory: Callable[[int], Any] | None = None) -> BenchResult:
+    """Vanilla, then FlashVID at each ratio, on one model instance. Returns the rows (vanilla first)."""
+    if settings.preset is None and settings.checkpoint is None:
+        raise ValueError("give a model preset or a checkpoint path")
+    if settings.checkpoint is not None:
+        model = load_model(settings.checkpoint, settings.device, settings.dtype, settings.attn_implementation)
+        family, name = family_of_model(model), settings.checkpoint
+        layout = settings.video_layout or ("onevision" if family == FAMILY_LLAVA else None)
+    else:
+        preset = settings.preset
+        model = build_model(preset, settings.device, settings.dtype, settings.attn_implementation, settings.seed)
+        family, name = preset.family, preset.name
+        layout = settings.video_layout or (
+            ("llava_video" if preset.llava_video_layout else "onevision") if family == FAMILY_LLAVA else None
+        )
+    config = model.config
+    shape = LLMShape.from_text_config(config.get_text_config() if hasattr(config, "get_text_config") else config.text_config)
+    inputs = video_inputs(settings, family, config)
+    modules = stage_modules(model, family)
+    probe = StageProbe(modules, clock_for(settings.device))
+    total_calls = (1 + len(settings.ratios)) * (settings.warmup + settings.repeats * len(inputs))
+    bar = progress_factory(total_calls) if progress_factory else None
+    tick = bar.update if bar is not None else (lambda *_: None)
+    # Text tokens: the prompt around the video placeholders (Qwen's vision start/end markers included), which
+    # Eq. 12 does not count; the LLM's visual tokens are its input length minus these.
+    text_tokens = inputs[0].sequence_length - inputs[0].visual_tokens
+    notes: list[str] = []
+    rows: list[MethodRow] = []
+    try:
+        # LLaVA-Video's vanilla layout (169 + newline per frame) exists only through the patch, with no compression.
+        if layout == "llava_video":
+            _apply(model, None, family, layout)
+        vanilla_calls = measure(model, probe, inputs, settings, tick)
+        rows.append(
+            summarise("Vanilla", None, vanilla_calls, text_tokens, shape, None,
+                      vision_attention_description(modules, model, patched=False))
+        )  # fmt: skip
+        _remove(model)
+        for ratio in settings.ratios:
+            flashvid = flashvid_config(family, ratio, shape.layers, settings.flashvid_overrides)
+            _apply(model, flashvid, family, layout)
+            try:
+                calls = measure(model, probe, inputs, settings, tick)
+                rows.append(
+                    summarise("FlashVID", ratio, calls, text_tokens, shape, flashvid.pruning_layer,
+                              vision_attention_description(modules, model, patched=True))
+                )  # fmt: skip
+            finally:
+                _remove(model)
+    finally:
+        probe.remove()
+        if bar is not None:
+            bar.close()
+    return BenchResult(
+        settings=settings,
+        model_name=name,
+        family=family,
+        video_layout=layout,
+        rows=rows,
+        visual_tokens_vanilla=rows[0].llm_visual_tokens,
+        sequence_length=inputs[0].sequence_length,
+        device_name=_device_name(settings.device),
+        notes=notes,
+    )
