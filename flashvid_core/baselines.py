@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,13 +105,30 @@ class BaselineSettings:
         _check_interval("fastvid_merging_factor", self.fastvid_merging_factor, 0.0, 1.0)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> BaselineSettings:
-        """Build from keyword options; an unknown key raises ValueError naming it and the allowed keys."""
-        allowed = tuple(field.name for field in dataclasses.fields(cls))
-        unknown = sorted(set(options) - set(allowed))
+    def from_options(cls, options: Mapping[str, Any]) -> BaselineSettings:
+        """Build from keyword options, typed or as strings (lmms-eval model_args: "2", "0.6", "mean").
+
+        An unknown key raises ValueError naming it and the allowed keys; a string that does not parse raises
+        ValueError naming the key and the expected type.
+        """
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
         if unknown:
-            raise ValueError(f"unknown baseline option(s) {unknown}: allowed keys are {', '.join(allowed)}")
-        return cls(**options)
+            raise ValueError(f"unknown baseline option(s) {unknown}: allowed keys are {', '.join(fields)}")
+        parsed: dict[str, Any] = {}
+        for name, value in options.items():
+            kind = type(fields[name].default)
+            if isinstance(value, str) and kind in (int, float):
+                try:
+                    value = kind(value.strip())
+                except ValueError:
+                    expected = "an integer" if kind is int else "a number"
+                    raise ValueError(f"{name}={value!r} is invalid: expected {expected}") from None
+            parsed[name] = value
+        return cls(**parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _check_at_least(name: str, value: int, low: int) -> None:
@@ -301,6 +319,16 @@ class MethodBudget:
     def effective_retention_ratio(self) -> float:
         """average_tokens_per_layer as a share of the vanilla visual tokens (≈ R, by construction)."""
         return self.average_tokens_per_layer / (self.num_frames * self.num_tokens_per_frame)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the derived counts, for manifests and reports."""
+        return {
+            **dataclasses.asdict(self),
+            "tokens_entering_llm": self.tokens_entering_llm,
+            "tokens_after_pruning": self.tokens_after_pruning,
+            "average_tokens_per_layer": self.average_tokens_per_layer,
+            "effective_retention_ratio": self.effective_retention_ratio,
+        }
 
 
 def llm_pruning_plan(

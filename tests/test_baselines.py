@@ -138,6 +138,18 @@ def test_pre_llm_budgets_keep_floor_n_r_per_frame_for_every_layer(method):
     assert budget.num_selected + budget.num_merged == 39
 
 
+def test_settings_parse_model_arg_strings():
+    parsed = BaselineSettings.from_options({"fastv_layer": "1", "fastvid_merging_factor": "0.5", "visionzip_merge": "mean"})
+    assert (parsed.fastv_layer, parsed.fastvid_merging_factor, parsed.visionzip_merge) == (1, 0.5, "mean")
+    assert BaselineSettings().to_dict()["fastvid_anchor_step"] == 4
+    with pytest.raises(ValueError, match=r"seed='x' is invalid: expected an integer"):
+        BaselineSettings.from_options({"seed": "x"})
+    with pytest.raises(ValueError, match=r"fastvid_merging_factor=1.5 is out of range: allowed \[0.0, 1.0\]"):
+        BaselineSettings.from_options({"fastvid_merging_factor": "1.5"})
+    report = budget_for_method("fastv", 196, 32, 0.1).to_dict()
+    assert report["llm_pruning"]["pruning_layer"] == 2 and report["tokens_after_pruning"] == 193
+
+
 def test_none_keeps_everything():
     budget = budget_for_method("none", 169, 64, 0.1)
     assert budget.tokens_entering_llm == 169 * 64 and budget.effective_retention_ratio == 1.0
