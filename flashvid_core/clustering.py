@@ -111,16 +111,18 @@ def dpc_knn_ragged(
     num_clusters: Tensor,
     num_neighbours: Tensor,
     noise: Tensor,
-    max_clusters: int,
+    point_counts: list[int],
+    cluster_counts: list[int],
     neighbour_counts: list[int],
+    exact_ties: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DPC-kNN on C padded frames at once, each with its own sizes; same result per frame as `dpc_knn`.
 
     points: (C, n, D) float32, row c valid in [0, num_points[c]); num_points, num_clusters, num_neighbours (k):
-    (C,) int64; noise: (C, n) uniform draws (padding ignored); max_clusters: max(num_clusters) and
-    neighbour_counts: num_neighbours as a host-side list (the host knows them; no device sync needed).
+    (C,) int64; noise: (C, n) uniform draws (padding ignored); point_counts, cluster_counts, neighbour_counts:
+    the same three as host-side lists (the host knows them; no device sync). exact_ties: see _top_scores.
     All frames of one call should be on the same side of the 25-point cdist switch (the caller groups them).
-    Returns cluster_indices (C, n) (padding: arbitrary) and centres (C, max_clusters) in descending score order
+    Returns cluster_indices (C, n) (padding: arbitrary) and centres (C, max K) in descending score order
     (slots >= num_clusters[c]: arbitrary).
     """
     batch, width, dim = points.shape
@@ -141,5 +143,33 @@ def dpc_knn_ragged(
     max_dist = dists.masked_fill(~pair_valid, float("-inf")).reshape(batch, -1).amax(dim=-1)
     delta = _distance_to_denser(dists, density, max_dist)
     score = (delta * density).masked_fill(~valid, float("-inf"))
-    centres = torch.topk(score, k=max_clusters, dim=-1).indices
+    centres = _top_scores(score, point_counts, cluster_counts, exact_ties)
     return _assign(dists, centres, num_clusters), centres
+
+
+def _top_scores(score: Tensor, point_counts: list[int], cluster_counts: list[int], exact_ties: bool | None) -> Tensor:
+    """Centres = the top-K scores of each row, in descending order. score: (C, n). Returns (C, max K).
+
+    Scores tie exactly when densities do (k <= 2, or duplicate tokens), and torch.topk's order among ties
+    depends on the row's length and on k. The rows that need it are ranked one by one with exactly the
+    reference's call (an unpadded (1, n) row, its own K): every row on the CPU (exact_ties None or True), only
+    the K <= 2 rows elsewhere (where per-row launches cost more; exact_ties True forces all rows).
+    """
+    batch = score.shape[0]
+    max_clusters = max(cluster_counts)
+    if exact_ties is None:
+        exact_ties = score.device.type == "cpu"
+    exact_rows = [c for c in range(batch) if exact_ties or cluster_counts[c] <= 2]
+    exact_set = set(exact_rows)
+    batched_rows = [c for c in range(batch) if c not in exact_set]
+    if not exact_rows:
+        return torch.topk(score, k=max_clusters, dim=-1).indices
+    centres = torch.zeros(batch, max_clusters, dtype=torch.long, device=score.device)
+    if batched_rows:
+        rows = torch.tensor(batched_rows, dtype=torch.long, device=score.device)
+        width = max(cluster_counts[c] for c in batched_rows)
+        centres[rows, :width] = torch.topk(score[rows], k=width, dim=-1).indices
+    for c in exact_rows:
+        count = cluster_counts[c]
+        centres[c, :count] = torch.topk(score[c : c + 1, : point_counts[c]], k=count, dim=-1).indices[0]
+    return centres

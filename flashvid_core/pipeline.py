@@ -360,7 +360,7 @@ def _cluster_frames(
     else:
         noise = torch.zeros(len(frames), width, dtype=torch.float32, device=device)
     assignment, centres = dpc_knn_ragged(
-        points, counts, num_clusters, num_neighbours, noise, max(cluster_list), neighbour_list
+        points, counts, num_clusters, num_neighbours, noise, counts_list, cluster_list, neighbour_list
     )
     # Cluster c of frame i has the global slot base[i] + c; padding goes to a dummy slot at the end.
     bases = [0]

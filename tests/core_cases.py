@@ -164,7 +164,7 @@ def check_dpc_knn(case: dict[str, Any], device: str = "cpu", inject_noise: bool 
         ragged_noise = torch.from_numpy(data["dpc_noise"]).to(device).reshape(1, -1)
         ragged_assignment, ragged_centres = fc.dpc_knn_ragged(
             features.float(), torch.tensor([count], device=device), torch.tensor([params["num_clusters"]], device=device),
-            torch.tensor([k], device=device), ragged_noise, params["num_clusters"], [k],
+            torch.tensor([k], device=device), ragged_noise, [count], [params["num_clusters"]], [k],
         )
         assert_equal_ints("ragged cluster_center_indices", ragged_centres, data["cluster_center_indices"])
         assert_equal_ints("ragged cluster_indices", ragged_assignment, data["cluster_indices"])
