@@ -38,6 +38,7 @@ is refused with a ValueError before any model work. Calls without video (text, i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -86,6 +87,7 @@ class _DecodeMap:
 class _LlavaPatch:
     config: Any  # flashvid_core.FlashVIDConfig or None (layout only)
     video_layout: str
+    pruner: Any = None  # llm_pruning.LLMPruner when the config's pruning layer lies inside the LLM
     decode: _DecodeMap | None = None
 
 
@@ -103,7 +105,15 @@ def apply(model: nn.Module, config: Any, video_layout: str = "onevision") -> nn.
         raise ValueError(f"video_layout must be one of {VIDEO_LAYOUTS}, got {video_layout!r}")
     if getattr(model, PATCH_ATTR, None) is not None:
         remove(model)
-    setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout))
+    pruner = None
+    if config is not None:
+        from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
+
+        # None when K is not inside the LLM: no inner pruning, as the official code on shallower models
+        pruner = attach_llm_pruning(
+            model.model.language_model.layers, config.pruning_layer, config.llm_retention_ratio
+        )
+    setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout, pruner=pruner))
     swap_class(model, _flashvid_model_class)
     if video_layout == "llava_video":
         swap_class(model.model, _average_pooling_class)
@@ -113,6 +123,9 @@ def apply(model: nn.Module, config: Any, video_layout: str = "onevision") -> nn.
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply` on this instance: afterwards it computes exactly what the stock model computes."""
     _check_model(model)
+    patch = getattr(model, PATCH_ATTR, None)
+    if patch is not None and patch.pruner is not None:
+        patch.pruner.remove()
     for attention in _vision_attentions(model):
         restore_class(attention)
         attention.__dict__.pop("_flashvid_sink", None)
@@ -158,6 +171,11 @@ def _flashvid_model_class(original: type) -> type:
         if patch is None:
             return stock_forward(self, *args, **kwargs)
         arguments = _named_arguments(signature, self, args, kwargs)
+        if (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
+            raise ValueError(
+                "FlashVID needs pixel_values_videos (it takes its attention statistic inside the vision tower), "
+                "not pre-encoded video outputs (mm_encoder_outputs)"
+            )
         if arguments.get("pixel_values_videos") is not None:
             return _video_prefill(self, patch, stock_forward, arguments)
         decode = patch.decode
@@ -166,6 +184,12 @@ def _flashvid_model_class(original: type) -> type:
         patch.decode = None  # a new sequence without video: nothing to translate any more
         return stock_forward(self, **arguments)
 
+    # transformers 5 `generate` pre-encodes images and videos (mm_encoder_outputs) when forward accepts them,
+    # through the stock get_video_features, which cannot give FlashVID its attention statistic. Hiding that
+    # parameter makes `generate` pass the raw pixels to the first forward, as 4.57 always does.
+    forward.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "mm_encoder_outputs"]
+    )
     return type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
 
 
@@ -340,7 +364,7 @@ def _video_prefill(
         arguments.get("vision_feature_select_strategy"), model.config.vision_feature_select_strategy
     )
     features, statistic = _features_and_statistic(model, pixel_values_videos, feature_layer, select_strategy)
-    video, compressed, num_segments, elapsed_ms = _compressed_video(model, patch, features, statistic)
+    video, token_slots, num_segments, elapsed_ms = _compressed_video(model, patch, features, statistic)
 
     embeddings = model.get_input_embeddings()(input_ids)
     video = video.to(embeddings.dtype)[None]
@@ -350,7 +374,14 @@ def _video_prefill(
     arguments["input_ids"] = None
     _shorten_positions(arguments, start, run, video.shape[1])
 
-    outputs = stock_forward(model, **arguments)
+    # Inner-LLM pruning sees the compressed tokens as the visual ones; newline embeddings count as text.
+    pruning = (
+        patch.pruner.prefill(visual_positions=token_slots + start)
+        if patch.pruner is not None
+        else contextlib.nullcontext()
+    )
+    with pruning as pruned:
+        outputs = stock_forward(model, **arguments)
 
     cache = getattr(outputs, "past_key_values", None)
     patch.decode = (
@@ -360,8 +391,8 @@ def _video_prefill(
     )
     stats = FlashVIDStats(
         visual_tokens_in=features.shape[0] * features.shape[1],
-        visual_tokens_compressed=compressed,
-        visual_tokens_after_pruning=compressed,
+        visual_tokens_compressed=token_slots.numel(),
+        visual_tokens_after_pruning=token_slots.numel() if pruned is None else pruned.visual_tokens_kept,
         num_segments=num_segments,
         compression_ms=elapsed_ms,
     )
@@ -392,10 +423,6 @@ def _check_video_call(
     past = arguments.get("past_key_values")
     if past is not None and past.get_seq_length() > 0:
         raise ValueError("FlashVID compresses a video at prefill: past_key_values must be empty on that call")
-    if (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
-        raise ValueError(
-            "FlashVID needs pixel_values_videos, not pre-encoded video outputs (mm_encoder_outputs)"
-        )
     mask = arguments.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise ValueError("FlashVID on LLaVA-OneVision takes a 2-D attention_mask (batch, sequence)")
@@ -414,10 +441,11 @@ def _placeholder_run(input_ids: torch.Tensor, video_token_id: int) -> tuple[int,
 
 def _compressed_video(
     model: nn.Module, patch: _LlavaPatch, features: torch.Tensor, statistic: torch.Tensor
-) -> tuple[torch.Tensor, int, int, float]:
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """The video's part of the LLM input in the patch's layout.
 
-    features (F, N, D), statistic (F, N) -> (video (V, D), compressed token count, segments, compression ms).
+    features (F, N, D), statistic (F, N) -> (video (V, D), slots of the M compressed tokens in it (M,),
+    segments, compression ms); the other V - M slots hold newline embeddings.
     """
     frames, per_frame, dim = features.shape
     if patch.config is None:
@@ -435,13 +463,14 @@ def _compressed_video(
         tokens, indices = compression.tokens, compression.indices
         num_segments = len(compression.segment_lengths)
     newline = model.model.image_newline.to(tokens.device, tokens.dtype)
+    slots = torch.arange(tokens.shape[0], device=tokens.device)
     if patch.video_layout == "llava_video":
-        video = newline_per_frame(
-            tokens, torch.div(indices, per_frame, rounding_mode="floor"), frames, newline
-        )
+        frame_of_token = torch.div(indices, per_frame, rounding_mode="floor")
+        video = newline_per_frame(tokens, frame_of_token, frames, newline)
+        slots = slots + frame_of_token
     else:
         video = torch.cat((tokens, newline[None]), dim=0)
-    return video, tokens.shape[0], num_segments, elapsed_ms
+    return video, slots, num_segments, elapsed_ms
 
 
 def newline_per_frame(
