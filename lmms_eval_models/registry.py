@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from lmms_eval_models.models import MODEL_CLASSES
+
 
 def manifests() -> list:
-    """Return the lmms-eval `ModelManifest`s of the suite's models (filled by the plugin)."""
-    return []
+    """The lmms-eval `ModelManifest`s of the suite's models (simple classes: the paper used lmms-eval's simple
+    model classes, which take the task's `doc_to_visual` + `doc_to_text`)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id=name, simple_class_path=path) for name, path in MODEL_CLASSES.items()]

@@ -363,22 +363,28 @@ def _model_class(family: str) -> Any:
     )
 
 
-def _silence_special_tokens(model: Any) -> None:
-    """Zero the output rows of the special tokens, so greedy decoding never picks one.
+def _silence_tokens(model: Any, tokenizer: Any) -> None:
+    """Zero the output rows of the special tokens and of whitespace-only tokens, so greedy decoding never picks one.
 
-    With random weights the first generated token could otherwise be `<|im_end|>` and the decoded answer empty,
-    which would be indistinguishable from lmms-eval's swallowed-exception "" that tests must catch.
+    With random weights the first generated token could otherwise be `<|im_end|>` (or a run of newlines), and the
+    decoded answer empty after stripping, indistinguishable from lmms-eval's swallowed-exception "" that tests
+    must catch.
     """
+    silent = [
+        index
+        for index in range(VOCAB_SIZE)
+        if index < len(SPECIAL_TOKENS) or not tokenizer.decode([index]).strip()
+    ]
     with torch.no_grad():
-        model.get_output_embeddings().weight[: len(SPECIAL_TOKENS)] = 0.0
+        model.get_output_embeddings().weight[silent] = 0.0
 
 
-def build_model(family: str, seed: int = 0) -> Any:
+def build_model(family: str, seed: int = 0, tokenizer: Any = None) -> Any:
     """The family's model with deterministic random weights for `seed`."""
     config = build_config(family)
     torch.manual_seed(seed)
     model = _model_class(family)(config).eval()
-    _silence_special_tokens(model)
+    _silence_tokens(model, tokenizer if tokenizer is not None else build_tokenizer(family))
     return model
 
 
@@ -395,7 +401,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(family)
     processor = build_processor(family, tokenizer)
-    model = build_model(family, seed)
+    model = build_model(family, seed, tokenizer)
     model.generation_config = build_generation_config()
     model.save_pretrained(out)
     processor.save_pretrained(out)

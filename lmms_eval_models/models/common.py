@@ -1,0 +1,419 @@
+"""What the four FlashVID lmms-eval model classes share: arguments, loading, patching, per-sample figures.
+
+Each family module subclasses lmms-eval's own class for that family and mixes `FlashVIDModel` in front of it:
+
+    class FlashVIDQwen2_5_VL(FlashVIDModel, Qwen2_5_VL): ...
+
+The mixin replaces only loading (the base classes pick CUDA devices whenever several processes run, force
+`device_map="auto"` and swallow some errors) and wraps generation; prompting, video loading and decoding stay the
+base class's. Everything is validated before any weight is read: an unknown key or a bad FlashVID value raises a
+ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from tqdm import tqdm
+
+ENABLE_KEY = "enable_flashvid"
+
+# The official scripts' FlashVID keys; the suite's opt-in variants come from FlashVIDConfig itself.
+OFFICIAL_FLASHVID_KEYS = (
+    "retention_ratio",
+    "alpha",
+    "temporal_threshold",
+    "do_segment",
+    "segment_threshold",
+    "min_segment_num",
+    "complementary_segment",
+    "token_selection_method",
+    "expansion",
+    "pruning_layer",
+    "llm_retention_ratio",
+)
+
+# Keys every suite class accepts beside the base class's own (`dtype` is not a key of the Qwen base classes).
+SUITE_KEYS = ("dtype", "device", "device_map")
+
+# Per-sample figures, in the order they appear in sample logs; their means go to the results' "throughput".
+FIGURE_NAMES = (
+    "visual_tokens_in",
+    "visual_tokens_out",
+    "visual_tokens_after_pruning",
+    "num_segments",
+    "compression_ms",
+    "prefill_ms",
+)
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+def flashvid_key_names() -> tuple[str, ...]:
+    from flashvid_core import FlashVIDConfig
+
+    return tuple(FlashVIDConfig.field_names())
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, (int, str)) and str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{key}={value!r} is invalid: expected True or False")
+
+
+def unknown_key_error(key: str, allowed: Sequence[str], model_name: str) -> ValueError:
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ValueError(
+        f"unknown model_args key {key!r} for {model_name}{suggestion}; allowed keys: {', '.join(sorted(set(allowed)))}"
+    )
+
+
+@dataclass(frozen=True)
+class ModelArguments:
+    """`--model_args` split into the base class's settings, the FlashVID switch and the FlashVID config."""
+
+    base: dict[str, Any]
+    enable_flashvid: bool
+    flashvid_config: Any  # flashvid_core.FlashVIDConfig, or None when FlashVID is off
+    flashvid_args: dict[str, Any] = field(default_factory=dict)
+
+
+def split_model_args(
+    base_class: type, model_args: Mapping[str, Any], model_name: str, suite_defaults: Mapping[str, Any]
+) -> ModelArguments:
+    """Validate `model_args` against the base class's signature and FlashVIDConfig, without loading anything.
+
+    Returns the base settings with the base class's defaults (overridden by `suite_defaults`, then the user's).
+    """
+    from flashvid_core import FlashVIDConfig
+
+    signature = inspect.signature(base_class.__init__)
+    base_defaults = {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    }
+    flashvid_keys = flashvid_key_names()
+    allowed = (*base_defaults, *SUITE_KEYS, ENABLE_KEY, *flashvid_keys)
+    for key in model_args:
+        if key not in allowed:
+            raise unknown_key_error(key, allowed, model_name)
+    enable = parse_bool(ENABLE_KEY, model_args.get(ENABLE_KEY, True))
+    flashvid_args = {key: value for key, value in model_args.items() if key in flashvid_keys}
+    # Validated even when FlashVID is off, so a sweep with a typo fails on its vanilla run too.
+    config = FlashVIDConfig.from_model_args(flashvid_args)
+    base = {**base_defaults, **suite_defaults}
+    base.update(
+        {key: value for key, value in model_args.items() if key in base_defaults or key in SUITE_KEYS}
+    )
+    return ModelArguments(base=base, enable_flashvid=enable, flashvid_config=config if enable else None,
+                          flashvid_args=flashvid_args)  # fmt: skip
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """FlashVID (like the official code) compresses one video prompt per call: refuse larger batches up front."""
+    if str(batch_size) != "1":
+        raise ValueError(
+            f"batch_size={batch_size!r} is not supported: the FlashVID models run batch_size=1 only"
+        )
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    if dtype in (None, "auto") or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is invalid: expected auto or a torch dtype name such as bfloat16")
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------------ devices
+
+
+def resolve_device(accelerator: Any, device: str | None) -> torch.device:
+    """One device per process: the accelerator's when several processes run (CUDA or CPU), else `device`.
+
+    The base classes pick `cuda:<rank>` whenever several processes run, which fails on CPU-only machines.
+    """
+    if accelerator.num_processes > 1:
+        return accelerator.device
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+
+
+class FlashVIDTokenCounts(TokenCounts):
+    """lmms-eval's per-request token counts plus the FlashVID figures; written into each sample's log."""
+
+    def __init__(
+        self, input_tokens: int | None, output_tokens: int | None, figures: Mapping[str, float]
+    ) -> None:
+        super().__init__(input_tokens=input_tokens, output_tokens=output_tokens)
+        self.figures = dict(figures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), **self.figures}
+
+
+@dataclass
+class CallProbe:
+    """What one `generate` call did: filled by the hooks and the wrapper in `instrument_generate`."""
+
+    prefill_started: float | None = None
+    prefill_ms: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    visual_placeholders: int = 0
+    seconds: float = 0.0
+    stats: Any = None  # the patch's FlashVIDStats of this call, if any
+    error: BaseException | None = None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value):
+            return value.device
+    return torch.device("cpu")
+
+
+class GenerateInstrument:
+    """Wraps one HF model instance's `generate` to time the prefill and collect the call's figures.
+
+    The prefill is the first forward call inside `generate` (vision encoding, FlashVID compression and the
+    LLM's prefill together); a forward pre-hook and hook pair times it. Errors raised inside `generate` are
+    remembered, because some base classes catch them and return an empty answer instead.
+    """
+
+    def __init__(self, model: Any, video_token_ids: Sequence[int]) -> None:
+        self.model = model
+        self.video_token_ids = tuple(video_token_ids)
+        self.probe: CallProbe | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+        self._stock_generate = model.generate
+        model.generate = self._generate  # instance attribute: other instances keep the class's generate
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        if self.model.__dict__.get("generate") == self._generate:
+            del self.model.generate
+
+    def _before_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.probe is not None and self.probe.prefill_started is None:
+            _synchronize(_first_tensor_device(args, kwargs))
+            self.probe.prefill_started = time.perf_counter()
+
+    def _after_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        probe = self.probe
+        if probe is not None and probe.prefill_started is not None and probe.prefill_ms is None:
+            _synchronize(_first_tensor_device(args, kwargs))
+            probe.prefill_ms = (time.perf_counter() - probe.prefill_started) * 1000.0
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        probe = self.probe
+        if probe is None:
+            return self._stock_generate(*args, **kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if torch.is_tensor(input_ids):
+            probe.input_tokens = int(input_ids.shape[-1])
+            probe.visual_placeholders = int(
+                sum(int((input_ids == token).sum()) for token in self.video_token_ids)
+            )
+        stats_before = getattr(self.model, "flashvid_stats", None)
+        started = time.perf_counter()
+        try:
+            output = self._stock_generate(*args, **kwargs)
+        except BaseException as error:
+            probe.error = error
+            raise
+        probe.seconds = time.perf_counter() - started
+        sequences = output if torch.is_tensor(output) else getattr(output, "sequences", None)
+        if torch.is_tensor(sequences) and torch.is_tensor(input_ids):
+            probe.output_tokens = int(sequences.shape[-1] - input_ids.shape[-1])
+        stats_after = getattr(self.model, "flashvid_stats", None)
+        probe.stats = stats_after if stats_after is not stats_before else None
+        return output
+
+    @contextmanager
+    def call(self) -> Iterator[CallProbe]:
+        self.probe = CallProbe()
+        try:
+            yield self.probe
+        finally:
+            self.probe = None
+
+
+def figures_of(probe: CallProbe) -> dict[str, float]:
+    """The per-sample figures; without FlashVID stats every visual placeholder goes through uncompressed."""
+    stats = probe.stats
+    if stats is not None:
+        visual_in, visual_out = stats.visual_tokens_in, stats.visual_tokens_compressed
+        after_pruning, segments, compression_ms = (
+            stats.visual_tokens_after_pruning,
+            stats.num_segments,
+            stats.compression_ms,
+        )
+    else:
+        visual_in = visual_out = after_pruning = probe.visual_placeholders
+        segments, compression_ms = 0, 0.0
+    return {
+        "visual_tokens_in": int(visual_in),
+        "visual_tokens_out": int(visual_out),
+        "visual_tokens_after_pruning": int(after_pruning),
+        "num_segments": int(segments),
+        "compression_ms": float(compression_ms),
+        "prefill_ms": float(probe.prefill_ms or 0.0),
+    }
+
+
+# -------------------------------------------------------------------------------------------------- the mixin
+
+
+def request_video_paths(request_args: tuple, task_dict: Mapping[str, Any]) -> list[str]:
+    """The video paths a `generate_until` request will read (its doc_to_visual's string results)."""
+    _context, _gen_kwargs, doc_to_visual, doc_id, task, split = request_args[:6]
+    visuals = doc_to_visual(task_dict[task][split][doc_id]) or []
+    return [visual for visual in visuals if isinstance(visual, str)]
+
+
+def check_video_files(paths: Sequence[str], task: str, doc_id: int) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"video file not found: {path} (task {task}, doc {doc_id})")
+
+
+class FlashVIDModel:
+    """Mixin for lmms-eval model classes: put it before the lmms-eval base class.
+
+    Subclasses set `model_name`, `base_class`, and implement `_load(settings)` (set everything the base class's
+    methods read) and `_generate_one(request)` (one answer, through the base class's own code where possible).
+    """
+
+    model_name: ClassVar[str]
+    base_class: ClassVar[type]
+    suite_defaults: ClassVar[dict[str, Any]] = {}
+    family_options: ClassVar[dict[str, Any]] = {}  # passed to apply_flashvid (e.g. the LLaVA video layout)
+
+    def __init__(self, **model_args: Any) -> None:
+        arguments = split_model_args(self.base_class, model_args, self.model_name, self.suite_defaults)
+        check_batch_size(arguments.base.get("batch_size", 1))
+        resolve_dtype(arguments.base.get("dtype"))
+        from lmms_eval.api.model import lmms
+
+        lmms.__init__(self)  # not the base class's __init__: loading is ours (see the module docstring)
+        self.flashvid_arguments = arguments
+        self._in_inner_call = False
+        self._load(arguments.base)
+        self._apply_patches(arguments)
+        self._instrument = GenerateInstrument(self.model, self._video_token_ids())
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _setup_processes(self, device: str | None) -> None:
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        self._device = resolve_device(self.accelerator, device)
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+
+    def _apply_patches(self, arguments: ModelArguments) -> None:
+        if arguments.enable_flashvid or self.family_options:
+            from lmms_eval_models.patches import apply_flashvid
+
+            apply_flashvid(self.model, arguments.flashvid_config, **self.family_options)
+
+    def _video_token_ids(self) -> list[int]:
+        config = self.model.config
+        ids = {
+            getattr(config, name, None) for name in ("video_token_id", "video_token_index")
+        }  # aliases on 5.x
+        return sorted(token for token in ids if isinstance(token, int))
+
+    @property
+    def rank(self) -> int:
+        # While the base class's generate_until answers one request, it must not draw its own progress bar
+        # (it would print one bar per sample): it reads the rank to decide, so it sees a non-zero one then.
+        return -1 if getattr(self, "_in_inner_call", False) else self._rank
+
+    @contextmanager
+    def _inner_call(self) -> Iterator[None]:
+        self._in_inner_call = True
+        try:
+            yield
+        finally:
+            self._in_inner_call = False
+
+    # --------------------------------------------------------------------------------------- generation
+
+    def _generate_one(self, request: Instance) -> str:
+        raise NotImplementedError
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        results: list[GenerationResult] = []
+        records: list[dict[str, float]] = []
+        for request in tqdm(requests, disable=self._rank != 0, desc=f"{self.model_name} responding"):
+            _context, _gen_kwargs, _doc_to_visual, doc_id, task, _split = request.args[:6]
+            check_video_files(request_video_paths(request.args, self.task_dict), task, doc_id)
+            with self._instrument.call() as probe:
+                answer = self._generate_one(request)
+            if probe.error is not None:  # the base class caught it and answered ""
+                raise RuntimeError(
+                    f"generation failed for doc {doc_id} of {task}: {probe.error}"
+                ) from probe.error
+            figures = figures_of(probe)
+            results.append(
+                GenerationResult(
+                    answer, FlashVIDTokenCounts(probe.input_tokens, probe.output_tokens, figures)
+                )
+            )
+            if not (request.metadata or {}).get("__padding_only__"):
+                records.append({**figures, "seconds": probe.seconds, "output_tokens": probe.output_tokens})
+        self._log_means(records)
+        return results
+
+    def _log_means(self, records: list[dict[str, float]]) -> None:
+        """Hand every sample's figures to lmms-eval's throughput log (rank 0, after gathering all ranks).
+
+        lmms-eval averages each extra figure over the logged entries into the results' "throughput" section
+        (`avg_visual_tokens_in`, ...), so one entry per sample gives the per-sample means.
+        """
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self._world_size
+            torch.distributed.all_gather_object(gathered, records)
+            records = [record for rank_records in gathered for record in rank_records]
+        if self._rank != 0:
+            return
+        for record in records:
+            seconds, tokens = record["seconds"], record["output_tokens"]
+            figures = {name: record[name] for name in FIGURE_NAMES}
+            log_metrics(total_elapsed_time=seconds, total_gen_tokens=tokens,
+                        avg_speed=tokens / seconds if seconds > 0 else 0.0, additional_metrics=figures)  # fmt: skip
