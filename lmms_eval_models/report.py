@@ -22,12 +22,8 @@ import pandas as pd
 from lmms_eval_models.sweeps import store
 from lmms_eval_models.sweeps.paper import default_paper_dir, paper_frame, values_match
 from lmms_eval_models.sweeps.results import BENCHMARK_COLUMNS, read_scores
-from lmms_eval_models.sweeps.spec import Run, Sweep, SweepError, load_sweep
+from lmms_eval_models.sweeps.spec import FRAME_KEYS, Run, Sweep, SweepError, load_sweep, method_of
 
-METHOD_NAMES = {"flashvid": "FlashVID", "fastv": "FastV", "visionzip": "VisionZip", "divprune": "DivPrune",
-                "fastvid": "FastVID", "uniform": "Uniform", "random": "Random", "none": "Vanilla",
-                "prunevid": "PruneVID"}
-FRAME_KEYS = ("max_frames_num", "max_num_frames", "num_frames")
 PRETTY = {"videomme_short": "VideoMME S", "videomme_medium": "VideoMME M", "videomme_long": "VideoMME L",
           "videomme_overall": "VideoMME", "egoschema_subset": "EgoSchema subset", "egoschema_total": "EgoSchema",
           "longvideobench": "LongVideoBench", "mvbench": "MVBench", "mlvu": "MLVU", "avg_score": "Avg",
@@ -37,16 +33,6 @@ PLOT_COLUMNS = ("videomme_overall", "egoschema_subset", "egoschema_total", "long
 
 
 # ------------------------------------------------------------------------------------------ run fields
-
-
-def method_of(model_args: Mapping[str, Any]) -> str:
-    """The paper's method name of a run: `method` (baselines) or enable_flashvid (FlashVID vs vanilla)."""
-    if "method" in model_args:
-        return METHOD_NAMES.get(str(model_args["method"]).lower(), str(model_args["method"]))
-    enabled = model_args.get("enable_flashvid", True)
-    if enabled is False or str(enabled).lower() == "false":
-        return "Vanilla"
-    return "FlashVID" if "enable_flashvid" in model_args or "retention_ratio" in model_args else "—"
 
 
 def run_fields(run: Run) -> dict[str, Any]:
@@ -102,8 +88,8 @@ def collect(sweep: Sweep, sweep_dir: Path) -> pd.DataFrame:
         rows.append({**run_fields(run), **read_scores(run_dir), "run_id": run.run_id})
     columns = [c for c in BENCHMARK_COLUMNS if any(c in row for row in rows)]
     if sweep.report_benchmarks:
-        columns = [c for c in columns if c in sweep.report_benchmarks or c.startswith("videomme")
-                   and "videomme_overall" in sweep.report_benchmarks]
+        columns = [c for c in columns if c in sweep.report_benchmarks or (c.startswith("videomme")
+                   and "videomme_overall" in sweep.report_benchmarks)]
     for row in rows:
         row["avg_score"] = average(row, columns)
     references = _reference_ids(sweep.runs)

@@ -201,16 +201,35 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "run"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:100] or "run"
 
 
-def make_run_id(model: str, base_args: Mapping[str, Scalar], model_args: Mapping[str, Scalar],
-                settings: Mapping[str, Any]) -> str:
-    """`<model>[__k=v...]-<hash>`: readable from the settings that differ from the base, unique by the hash."""
-    changed = [f"{key}-{render_value(value)}" for key, value in model_args.items()
-               if key not in base_args or base_args[key] != value]
-    slug = _slug("__".join([model, *changed]))
-    return f"{slug}-{settings_hash(settings)}"
+METHOD_NAMES = {"flashvid": "FlashVID", "fastv": "FastV", "visionzip": "VisionZip", "divprune": "DivPrune",
+                "fastvid": "FastVID", "uniform": "Uniform", "random": "Random", "none": "Vanilla",
+                "prunevid": "PruneVID"}
+FRAME_KEYS = ("max_frames_num", "max_num_frames", "num_frames")
+
+
+def method_of(model_args: Mapping[str, Scalar]) -> str:
+    """The paper's method name of a run: `method` (baselines) or enable_flashvid (FlashVID vs vanilla)."""
+    if "method" in model_args:
+        return METHOD_NAMES.get(str(model_args["method"]).lower(), str(model_args["method"]))
+    enabled = model_args.get("enable_flashvid", True)
+    if enabled is False or str(enabled).lower() == "false":
+        return "Vanilla"
+    return "FlashVID" if "enable_flashvid" in model_args or "retention_ratio" in model_args else "—"
+
+
+def make_run_id(model: str, model_args: Mapping[str, Scalar], settings: Mapping[str, Any]) -> str:
+    """`<model>.<method>[-r<R>][-f<frames>]-<hash>`: readable, and unique by the hash of all settings."""
+    method = method_of(model_args)
+    parts = [method.lower() if method != "—" else "run"]
+    if method != "Vanilla" and "retention_ratio" in model_args:
+        parts.append(f"r{render_value(model_args['retention_ratio'])}")
+    frames = next((model_args[key] for key in FRAME_KEYS if key in model_args), None)
+    if frames is not None:
+        parts.append(f"f{render_value(frames)}")
+    return f"{_slug(model + '.' + '-'.join(parts))}-{settings_hash(settings)}"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -318,6 +337,7 @@ class _PointSpec:
     reference: bool
     models: tuple[str, ...]
     overrides: Mapping[str, Scalar]
+    is_grid: bool = False
 
 
 def _parse_points(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
@@ -369,8 +389,12 @@ def _parse_grid(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
         _check_model_args({arg: lst[0] for arg, lst in zip(axes, value_lists)}, prefix)
         chosen_models = _models_filter(grid.get("models"), f"{prefix}.models", models)
         label = None if grid.get("label") is None else str(grid["label"])
+        varying = [arg for arg, values in zip(axes, value_lists) if len(values) > 1]
         for combo in itertools.product(*value_lists):
-            points.append(_PointSpec(None, label, False, chosen_models, dict(zip(axes, combo))))
+            overrides = dict(zip(axes, combo))
+            # Named by the axes that vary, e.g. "FlashVID retention_ratio=0.1" (the method is added in _expand).
+            name = ",".join(f"{arg}={render_value(overrides[arg])}" for arg in varying)
+            points.append(_PointSpec(name, label, False, chosen_models, overrides, is_grid=True))
     return points
 
 
@@ -450,10 +474,14 @@ def _expand(sweep: str, models: Sequence[ModelEntry], specs: Sequence[_PointSpec
             model_args = {**entry.model_args, **spec.overrides}
             settings = run_settings(entry.model, model_args, tasks, include_path, limit, seed, batch_size,
                                     gen_kwargs)
-            run_id = make_run_id(entry.model, entry.model_args, model_args, settings)
-            display = spec.name or ",".join(f"{k}={render_value(v)}" for k, v in spec.overrides.items())
+            run_id = make_run_id(entry.model, model_args, settings)
+            method = method_of(model_args)
+            display = spec.name if spec.name is not None else ""
+            if spec.name is None or spec.name == "" or spec.is_grid:
+                display = " ".join(part for part in (method if method != "—" else "", display) if part)
+            display = display or ",".join(f"{k}={render_value(v)}" for k, v in spec.overrides.items())
             if run_id in seen:
-                raise SweepError("points" if spec.name else "grid",
+                raise SweepError("grid" if spec.is_grid else "points",
                                  f"runs {seen[run_id]!r} and {display!r} of model {entry.name!r} have identical settings")
             seen[run_id] = display
             runs.append(Run(sweep=sweep, run_id=run_id, model_entry=entry.name, model=entry.model,
