@@ -475,22 +475,34 @@ def _expand(sweep: str, models: Sequence[ModelEntry], specs: Sequence[_PointSpec
             settings = run_settings(entry.model, model_args, tasks, include_path, limit, seed, batch_size,
                                     gen_kwargs)
             run_id = make_run_id(entry.model, model_args, settings)
-            method = method_of(model_args)
-            display = spec.name if spec.name is not None else ""
-            if spec.name is None or spec.name == "" or spec.is_grid:
-                display = " ".join(part for part in (method if method != "—" else "", display) if part)
-            display = display or ",".join(f"{k}={render_value(v)}" for k, v in spec.overrides.items())
+            display = _display_name(spec, model_args)
             if run_id in seen:
                 raise SweepError("grid" if spec.is_grid else "points",
                                  f"runs {seen[run_id]!r} and {display!r} of model {entry.name!r} have identical settings")
             seen[run_id] = display
             runs.append(Run(sweep=sweep, run_id=run_id, model_entry=entry.name, model=entry.model,
                             model_args=model_args, tasks=tasks, include_path=include_path, limit=limit, seed=seed,
-                            batch_size=batch_size, gen_kwargs=gen_kwargs, name=display or "base",
+                            batch_size=batch_size, gen_kwargs=gen_kwargs, name=display,
                             label=spec.label, reference=spec.reference, order=len(runs)))
     if not runs:
         raise SweepError("points", "no run selected: check the `models` filters")
     return tuple(runs)
+
+
+def _display_name(spec: _PointSpec, model_args: Mapping[str, Scalar]) -> str:
+    """A point's name as given; else its method with the grid axes that vary, or with R and frames."""
+    if spec.name is not None and not spec.is_grid:
+        return spec.name
+    method = method_of(model_args)
+    parts = [method] if method != "—" else []
+    if spec.is_grid:
+        parts.append(spec.name or "")
+    else:
+        if "retention_ratio" in spec.overrides:
+            parts.append(f"R={render_value(spec.overrides['retention_ratio'])}")
+        parts += [f"frames={render_value(spec.overrides[key])}" for key in FRAME_KEYS if key in spec.overrides]
+    display = " ".join(part for part in parts if part)
+    return display or ",".join(f"{k}={render_value(v)}" for k, v in spec.overrides.items()) or "base"
 
 
 def load_sweep(path: str | Path) -> Sweep:
