@@ -71,13 +71,17 @@ def calibrated_distances(
     return distances
 
 
-def max_min_diversity(distances: Tensor, num_tokens: int, forbid_repick: bool = True) -> Tensor:
+def max_min_diversity(
+    distances: Tensor, num_tokens: int, forbid_repick: bool = True, picked_value: float = -1.0
+) -> Tensor:
     """Greedy Max-Min diversity selection on each frame's distance matrix.
 
     distances: (B, N, N), entry [i, j] is the distance from i to candidate j. Returns (B, num_tokens) int64 in
     pick order. First pick: the column whose second-smallest entry is largest (the smallest is normally the
     token itself). Then: the column with the largest minimum distance to the picked rows. Ties go to the lowest
     index. forbid_repick=False reproduces the official attn_div_v2, which can pick a token twice.
+    picked_value: the score given to picked columns (the official -1.0 only forbids re-picks while the distances
+    stay above -1; -inf always does).
     """
     batch, num_candidates, _ = distances.shape
     if num_tokens <= 0:
@@ -99,7 +103,7 @@ def max_min_diversity(distances: Tensor, num_tokens: int, forbid_repick: bool = 
         batch_index = torch.arange(batch, device=distances.device)
         picked[batch_index, pick] = True
     for step in range(1, num_tokens):
-        scores = running_min.masked_fill(picked, -1.0) if forbid_repick else running_min
+        scores = running_min.masked_fill(picked, picked_value) if forbid_repick else running_min
         pick = scores.argmax(dim=-1)
         picks[:, step] = pick
         if step + 1 < num_tokens:
@@ -137,7 +141,10 @@ def select_tokens(
     if forbid_repick is None:
         forbid_repick = method != "attn_div_v2"
     distances = calibrated_distances(features, attention, method, segment_lengths)
-    return max_min_diversity(distances, num_tokens, forbid_repick).sort(dim=-1).values
+    # div_er is not in the official code: its distances can be far below -1 (negative event relevance), so picked
+    # columns get -inf there; the official methods keep their -1.
+    picked_value = float("-inf") if method == "div_er" or (forbid_repick and method == "attn_div_v2") else -1.0
+    return max_min_diversity(distances, num_tokens, forbid_repick, picked_value).sort(dim=-1).values
 
 
 def gather_tokens(features: Tensor, indices: Tensor) -> Tensor:

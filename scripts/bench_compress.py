@@ -16,6 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -68,7 +69,7 @@ def loop_select(frame: Tensor, attention: Tensor, k: int, method: str, segment_m
     while len(picks) < k:
         min_dist = dist[picks].min(dim=0).values  # full recompute over all picked rows
         if method != "attn_div_v2":
-            min_dist[picks] = -1.0
+            min_dist[picks] = float("-inf") if method == "div_er" else -1.0
         picks.append(int(min_dist.argmax()))
     return sorted(picks)
 
@@ -125,7 +126,7 @@ def loop_dpc(tokens: Tensor, clusters: int, k: int) -> tuple[list[int], Tensor]:
 
 def loop_compress(features: Tensor, attention: Tensor, config: fc.FlashVIDConfig) -> tuple[Tensor, Tensor]:
     """Straightforward reimplementation, CPU; returns (tokens (M, D), global indices (M,))."""
-    num_frames, n, _ = features.shape
+    n = features.shape[1]
     budget, num_selected, num_merged = config.budgets(n)
     lengths = loop_segments(features, config)
     out_tokens: list[Tensor] = []
@@ -224,13 +225,13 @@ def main() -> None:
             same = torch.equal(fast.indices, loop_indices) and torch.allclose(
                 fast.tokens, loop_tokens, atol=1e-4, rtol=1e-4
             )
-            loop_ms = median_ms(lambda: loop_compress(features, attention, config), args.loop_runs, 1, False)
+            loop_ms = median_ms(partial(loop_compress, features, attention, config), args.loop_runs, 1, False)
             print(f"{shape}: loop-style implementation (CPU float32): {loop_ms:9.1f} ms/video "
                   f"(median of {args.loop_runs}); same output as compress: {same}")
         for device, dtype in targets:
             features, attention = synthetic_video(frames, tokens, dim, device, dtype)
             cuda = device == "cuda"
-            ms = median_ms(lambda: fc.compress(features, attention, config), args.runs, args.warmup, cuda)
+            ms = median_ms(partial(fc.compress, features, attention, config), args.runs, args.warmup, cuda)
             ratio = f", {loop_ms / ms:6.1f}x faster than the loop-style CPU run" if loop_ms else ""
             print(f"{shape}: compress on {device} {str(dtype).replace('torch.', '')}: {ms:9.2f} ms/video "
                   f"(median of {args.runs}){ratio}")

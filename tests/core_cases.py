@@ -239,3 +239,15 @@ CHECKS = {
 
 def run_case(case: dict[str, Any], **kwargs: Any) -> Any:
     return CHECKS[case["function"]](case, **kwargs)
+
+
+def loop_reference():
+    """The loop-style implementation kept in scripts/bench_compress.py (an independent oracle for tests)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_compress.py"
+    spec = importlib.util.spec_from_file_location("bench_compress", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
