@@ -38,3 +38,49 @@ def tiny_checkpoint(flashvid_cache: Path) -> Iterator[Callable[[str], Path]]:
         return tiny_checkpoint_path(family, flashvid_cache)
 
     yield get
+
+
+SMOKE_TASKS_DIR = REPO_ROOT / "configs" / "tasks" / "smoke"
+PAPER_TASKS_DIR = REPO_ROOT / "configs" / "tasks" / "paper"
+SMOKE_TASKS = (
+    "videomme_smoke",
+    "egoschema_smoke",
+    "longvideobench_val_v_smoke",
+    "mvbench_smoke",
+    "mlvu_test_smoke",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_env(flashvid_cache: Path) -> Iterator[None]:
+    """Synthetic smoke videos (and anything else keyed by $FLASHVID_CACHE) go to the session's cache."""
+    previous = os.environ.get("FLASHVID_CACHE")
+    os.environ["FLASHVID_CACHE"] = str(flashvid_cache)
+    yield
+    if previous is None:
+        os.environ.pop("FLASHVID_CACHE", None)
+    else:
+        os.environ["FLASHVID_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def evaluate() -> Callable[..., dict]:
+    """`evaluate(model, model_args, tasks, include_path=smoke tasks)`: lmms-eval's simple_evaluate in-process.
+
+    Only the given task folder is indexed (not lmms-eval's built-in task tree), which keeps a call to seconds.
+    """
+
+    def run(
+        model: str,
+        model_args: str,
+        tasks: list[str] | tuple[str, ...],
+        include_path: Path | str = SMOKE_TASKS_DIR,
+    ) -> dict:
+        from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.tasks import TaskManager
+
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), batch_size=1,
+                               task_manager=manager, log_samples=True)  # fmt: skip
+
+    return run
