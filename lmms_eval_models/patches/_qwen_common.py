@@ -612,3 +612,22 @@ def _model_output(inner: nn.Module, state: QwenPatchState, outputs: Any) -> Any:
     if "rope_deltas" in names:
         values["rope_deltas"] = inner.rope_deltas
     return output_class(**values)
+
+
+def video_compression_inputs(
+    model: Any, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What a patched model hands `flashvid_core.compress` for each video: features (F, N, D) and the attention
+    statistic (F, N) (for inspection and tests; the model must be patched)."""
+    inner = model.model
+    state: QwenPatchState = getattr(inner, _STATE_ATTR)
+    embeds, _ = _features(inner.get_video_features(pixel_values_videos, video_grid_thw))
+    statistic, state.video_statistic = state.video_statistic, None
+    merge_unit = inner.visual.spatial_merge_size**2
+    frames = video_grid_thw[:, 0].tolist()
+    tokens_per_frame = (video_grid_thw[:, 1] * video_grid_thw[:, 2] // merge_unit).tolist()
+    attention = torch.split(statistic.attention, [f * n for f, n in zip(frames, tokens_per_frame)])
+    return [
+        (features.view(f, n, -1), scores.view(f, n))
+        for features, scores, f, n in zip(embeds, attention, frames, tokens_per_frame)
+    ]

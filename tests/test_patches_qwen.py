@@ -1,0 +1,277 @@
+"""FlashVID inside Qwen2.5-VL and Qwen3-VL, on the tiny random-weight checkpoints (eager and sdpa, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flashvid_core import FlashVIDConfig, compress  # noqa: E402
+from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid  # noqa: E402
+from lmms_eval_models.patches._qwen_common import video_compression_inputs  # noqa: E402
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+IMPLEMENTATIONS = ("eager", "sdpa")
+FRAME_SIZE = {"qwen2_5_vl": 112, "qwen3_vl": 128}  # 4 x 4 merged tokens per frame group
+IDENTITY = FlashVIDConfig(retention_ratio=1.0, token_selection_method="attn", alpha=1.0, expansion=1.0, pruning_layer=99)
+COMPRESS = FlashVIDConfig(retention_ratio=0.25, token_selection_method="attn_div", min_segment_num=2, pruning_layer=99)
+PRUNE = FlashVIDConfig(
+    retention_ratio=0.25, token_selection_method="attn_div", min_segment_num=2, pruning_layer=2, llm_retention_ratio=0.5
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    """Loads (family, attn_implementation) once per module; returns fresh stock models on request."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processors: dict[str, object] = {}
+
+    def load(family: str, implementation: str = "sdpa"):
+        path = tiny_checkpoint(family)
+        if family not in processors:
+            processors[family] = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=implementation).eval()
+        return model, processors[family]
+
+    return load
+
+
+def video_inputs(processor, family: str, frames: int = 8, batch: int = 1, seed: int = 0, image: bool = False):
+    rng = np.random.default_rng(seed)
+    size = FRAME_SIZE[family]
+    videos = [(rng.random((frames, size, size, 3)) * 255).astype(np.uint8) for _ in range(batch)]
+    content = [{"type": "video"}, {"type": "text", "text": "What is shown?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    kwargs = {}
+    if family == "qwen3_vl":
+        from transformers.video_utils import VideoMetadata
+
+        kwargs["video_metadata"] = [VideoMetadata(total_num_frames=frames, fps=2.0, frames_indices=list(range(frames)))] * batch
+        kwargs["do_sample_frames"] = False
+    return processor(text=[text] * batch, videos=videos, return_tensors="pt", padding=True, **kwargs)
+
+
+def image_inputs(processor, family: str):
+    rng = np.random.default_rng(1)
+    size = FRAME_SIZE[family]
+    picture = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    content = [{"type": "image"}, {"type": "text", "text": "What is shown?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(text=[text], images=[picture], return_tensors="pt")
+
+
+class LanguageModelInputs:
+    """Records what the language model receives (forward pre-hook), without changing it."""
+
+    def __init__(self, model) -> None:
+        self.calls: list[dict] = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.calls.append(dict(kwargs))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def logits(model, inputs, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)  # the DPC-kNN tie-breaker draws from the default generator
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_and_removal_reproduce_stock_logits(loaded, family, implementation):
+    model, processor = loaded(family, implementation)
+    inputs = video_inputs(processor, family)
+    stock = logits(model, inputs)
+    apply_flashvid(model, IDENTITY)
+    assert is_patched(model)
+    identity = logits(model, inputs)
+    assert identity.shape == stock.shape
+    torch.testing.assert_close(identity, stock, atol=1e-5, rtol=0)
+    assert model.flashvid_stats.visual_tokens_compressed == model.flashvid_stats.visual_tokens_in
+    apply_flashvid(model, COMPRESS)
+    assert logits(model, inputs).shape[1] < stock.shape[1]
+    remove_flashvid(model)
+    assert not is_patched(model) and not hasattr(model, "flashvid_stats")
+    assert not type(model.model).__name__.startswith("FlashVID")
+    assert torch.equal(logits(model, inputs), stock)
+
+
+def _stock_positions(model, inputs) -> torch.Tensor:
+    """The 3-D positions the stock language model receives for the original prompt."""
+    with LanguageModelInputs(model) as recorder, torch.no_grad():
+        model(**inputs)
+    positions = recorder.calls[0]["position_ids"]
+    return positions[-3:] if positions.shape[0] == 4 else positions
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_model_receives_exactly_the_compressed_tokens(loaded, family, implementation):
+    model, processor = loaded(family, implementation)
+    inputs = video_inputs(processor, family)
+    stock_positions = _stock_positions(model, inputs)
+    stock_embeds = model.get_input_embeddings()(inputs["input_ids"])
+    apply_flashvid(model, COMPRESS)
+    with LanguageModelInputs(model) as recorder:
+        logits(model, inputs, seed=3)
+    received = recorder.calls[0]
+    ((features, attention),) = video_compression_inputs(model, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    torch.manual_seed(3)
+    expected = compress(features, attention, COMPRESS)
+
+    ids = inputs["input_ids"][0]
+    video_rows = torch.nonzero(ids == model.config.video_token_id).flatten()
+    text_rows = torch.nonzero(ids != model.config.video_token_id).flatten()
+    source = torch.sort(torch.cat([text_rows, video_rows[expected.indices]]), stable=True).values
+    embeds = received["inputs_embeds"][0]
+    assert embeds.shape[0] == source.numel()
+    is_video = torch.isin(source, video_rows)
+    assert torch.equal(embeds[is_video], expected.tokens)  # duplicated indices included, in order
+    assert torch.equal(embeds[~is_video], stock_embeds[0, source[~is_video]])
+    positions = received["position_ids"]
+    assert torch.equal(positions[-3:], stock_positions[..., source])  # M-RoPE positions of the kept tokens
+    assert torch.equal(positions[0, 0], torch.arange(source.numel()))
+    stats = model.flashvid_stats
+    assert stats.visual_tokens_in == video_rows.numel() and stats.visual_tokens_compressed == expected.indices.numel()
+    assert stats.num_segments == expected.segment_lengths.numel() and stats.compression_ms >= 0
+    if family == "qwen3_vl":  # deepstack rows follow the kept global indices
+        assert torch.equal(received["visual_pos_masks"][0], is_video)
+        assert received["deepstack_visual_embeds"][0].shape[0] == expected.indices.numel()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_equals_full_forwards_of_the_compressed_sequence(loaded, family, implementation):
+    model, processor = loaded(family, implementation)
+    inputs = video_inputs(processor, family)
+    stock_positions = _stock_positions(model, inputs)
+    apply_flashvid(model, COMPRESS)
+    with LanguageModelInputs(model) as recorder, torch.no_grad():
+        torch.manual_seed(0)
+        generated = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    prefill = recorder.calls[0]
+    new_tokens = generated.sequences[0, inputs["input_ids"].shape[1] :]
+    language_model = model.model.language_model
+    embeds, positions = prefill["inputs_embeds"], prefill["position_ids"][-3:]
+    # contiguous text positions and an explicit mask: 4.57 Qwen3-VL would otherwise read the temporal row as packing
+    text_positions = lambda length: torch.arange(length).view(1, 1, -1)  # noqa: E731
+    extra = {k: prefill[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if prefill.get(k) is not None}
+    next_position = int(stock_positions.max()) + 1  # decoding continues the original positions
+    for step, token in enumerate(new_tokens):
+        with torch.no_grad():
+            length = embeds.shape[1]
+            hidden = language_model(
+                inputs_embeds=embeds,
+                position_ids=torch.cat([text_positions(length), positions]),
+                attention_mask=torch.ones(1, length, dtype=torch.long),
+                use_cache=False,
+                **extra,
+            )
+            step_logits = model.lm_head(hidden.last_hidden_state[:, -1])
+        torch.testing.assert_close(step_logits, generated.logits[step], atol=1e-4, rtol=1e-4)
+        assert int(step_logits.argmax()) == int(token)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(token.view(1, 1))], dim=1)
+        positions = torch.cat([positions, torch.full((3, 1, 1), next_position + step)], dim=-1)
+        if "visual_pos_masks" in extra:
+            extra["visual_pos_masks"] = torch.cat([extra["visual_pos_masks"], torch.zeros(1, 1, dtype=torch.bool)], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_at_layer_k_shortens_sequence_and_cache_and_eager_equals_sdpa(loaded, family):
+    tokens, scores = {}, {}
+    for implementation in IMPLEMENTATIONS:
+        model, processor = loaded(family, implementation)
+        inputs = video_inputs(processor, family)
+        apply_flashvid(model, PRUNE)
+        lengths: list[int] = []
+        layer = model.model.language_model.layers[PRUNE.pruning_layer]
+        handle = layer.register_forward_hook(
+            lambda module, args, output, seen=lengths: seen.append(_hidden(output).shape[1])
+        )
+        with torch.no_grad():
+            torch.manual_seed(0)
+            generated = model.generate(
+                **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+        handle.remove()
+        stats = model.flashvid_stats
+        compressed, kept = stats.visual_tokens_compressed, stats.visual_tokens_after_pruning
+        assert kept == math.ceil(compressed * PRUNE.llm_retention_ratio) < compressed
+        cache = generated.past_key_values
+        decoded = generated.sequences.shape[1] - inputs["input_ids"].shape[1] - 1  # the last token is not cached
+        below = [cache.get_seq_length(i) for i in range(PRUNE.pruning_layer)]
+        above = [cache.get_seq_length(i) for i in range(PRUNE.pruning_layer, len(model.model.language_model.layers))]
+        assert len(set(below)) == 1 and len(set(above)) == 1
+        assert below[0] - above[0] == compressed - kept
+        assert lengths[0] == below[0] - decoded - (compressed - kept)  # the prefill after layer K
+        assert all(length == 1 for length in lengths[1:])
+        tokens[implementation] = generated.sequences
+        scores[implementation] = torch.stack(generated.logits)
+    assert torch.equal(tokens["eager"], tokens["sdpa"])
+    torch.testing.assert_close(scores["eager"], scores["sdpa"], atol=1e-4, rtol=1e-4)
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_instances_are_independent(loaded, family):
+    first, processor = loaded(family)
+    second, _ = loaded(family)
+    stock, _ = loaded(family)
+    inputs = video_inputs(processor, family)
+    reference = logits(stock, inputs)
+    apply_flashvid(first, COMPRESS)
+    apply_flashvid(second, FlashVIDConfig(retention_ratio=0.5, token_selection_method="attn", min_segment_num=2))
+    logits(first, inputs)
+    logits(second, inputs)
+    assert first.flashvid_stats.visual_tokens_compressed < second.flashvid_stats.visual_tokens_compressed
+    assert not is_patched(stock) and not hasattr(stock, "flashvid_stats")
+    assert torch.equal(logits(stock, inputs), reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_with_video_is_refused_before_model_work(loaded, family):
+    model, processor = loaded(family)
+    apply_flashvid(model, COMPRESS)
+    inputs = video_inputs(processor, family, batch=2)
+    vision_calls: list[int] = []
+    handle = model.model.visual.register_forward_pre_hook(lambda *args: vision_calls.append(1))
+    with pytest.raises(ValueError, match="batch size 1"):
+        logits(model, inputs)
+    handle.remove()
+    assert vision_calls == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_untouched_and_short_video_works(loaded, family):
+    model, processor = loaded(family)
+    pictures = image_inputs(processor, family)
+    reference = logits(model, pictures)
+    apply_flashvid(model, FlashVIDConfig(retention_ratio=0.25, min_segment_num=8))
+    assert torch.equal(logits(model, pictures), reference)
+    assert model.flashvid_stats is None
+    short = video_inputs(processor, family, frames=2)  # one temporal patch group, fewer than min_segment_num
+    out = logits(model, short)
+    assert torch.isfinite(out).all()
+    assert model.flashvid_stats.visual_tokens_compressed < model.flashvid_stats.visual_tokens_in
+
+
+def test_unsupported_class_is_a_type_error():
+    with pytest.raises(TypeError, match="Qwen2_5_VLForConditionalGeneration"):
+        apply_flashvid(torch.nn.Linear(2, 2), COMPRESS)
