@@ -168,41 +168,52 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def plot_accuracy(ours: pd.DataFrame, paper_rows: Sequence[dict[str, Any] | None], path: Path, title: str) -> None:
-    """Accuracy against retention ratio, one panel per benchmark; vanilla dashed, the paper's points hollow."""
+    """Accuracy against retention ratio, one panel per benchmark: one line per (model,) method, vanilla dashed
+    (in its model's colour), the paper's points hollow and dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = [c for c in PLOT_COLUMNS if c in ours.columns]
-    figure, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.0), squeeze=False)
-    group_keys = ["model", "method"] if "model" in ours.columns else ["method"]
+    ncols = min(4, len(columns))
+    nrows = -(-len(columns) // ncols)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.8), squeeze=False)
+    several_models = "model" in ours.columns
+    group_keys = ["model", "method"] if several_models else ["method"]
     records = ours.assign(_paper=list(paper_rows)).to_dict("records")
-    for axis, column in zip(axes[0], columns):
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for record in records:
-            groups.setdefault(tuple(record[k] for k in group_keys), []).append(record)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(tuple(record[k] for k in group_keys), []).append(record)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour_keys = list(dict.fromkeys(key[0] if several_models else key for key in groups))
+    for axis, column in zip(axes.flat, columns):
         for key, members in groups.items():
             name = " / ".join(str(k) for k in key)
+            colour_key = key[0] if several_models else key
+            colour = palette[colour_keys.index(colour_key) % len(palette)]
             if key[-1] == "Vanilla":
-                axis.axhline(members[0][column], linestyle="--", color="grey", linewidth=1, label=name)
+                axis.axhline(members[0][column], linestyle="--", linewidth=1,
+                             color=colour if several_models else "grey", label=name)
                 continue
             members = sorted(members, key=lambda r: r["retention_ratio"])
-            line = axis.plot([r["retention_ratio"] for r in members], [r[column] for r in members], marker="o",
-                             label=name)[0]
+            axis.plot([r["retention_ratio"] for r in members], [r[column] for r in members], marker="o",
+                      color=colour, label=name)
             paper = [(r["retention_ratio"], _number(r["_paper"].get(column))) for r in members if r["_paper"]]
             if paper:
-                axis.plot(*zip(*paper), marker="o", linestyle=":", markerfacecolor="none", color=line.get_color(),
+                axis.plot(*zip(*paper), marker="o", linestyle=":", markerfacecolor="none", color=colour,
                           label=f"{name} (paper)")
         axis.set_title(PRETTY.get(column, column))
         axis.set_xlabel("retention ratio R (%)")
+        axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
+    for axis in list(axes.flat)[len(columns):]:
+        axis.set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize="small",
-                  bbox_to_anchor=(0.5, -0.02))
+    figure.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize="small")
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    legend_rows = -(-len(labels) // 4)
+    figure.tight_layout(rect=(0, min(0.4, 0.05 + 0.045 * legend_rows * 3 / nrows), 1, 1))
     figure.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: identical bytes per input
     plt.close(figure)
 

@@ -246,7 +246,7 @@ def _parse_launcher(raw: Any) -> Launcher:
         raise SweepError("launcher.type", f"must be one of {', '.join(LAUNCHER_TYPES)}, got {kind!r}")
     _check_keys(raw, LAUNCHER_KEYS[kind], "launcher.")
     gpus = _require_int(raw.get("gpus", 1), "launcher.gpus", 0)
-    default_processes = gpus if kind == "slurm" else 1
+    default_processes = max(1, gpus) if kind == "slurm" else 1
     num_processes = _require_int(raw.get("num_processes", default_processes), "launcher.num_processes", 1)
     port = raw.get("main_process_port")
     if port is not None:

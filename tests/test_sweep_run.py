@@ -1,0 +1,139 @@
+"""End-to-end sweeps: SIGKILL midway then rerun (nothing lost, nothing duplicated, nothing recomputed), byte-identical
+reports for the same seed, and SLURM submission through submitit's local executor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmms_eval_models.sweeps import store
+from lmms_eval_models.sweeps.spec import load_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+TASK_DIR = Path(__file__).parent / "data" / "sweep_task"
+
+
+def small_smoke_sweep(tmp_path: Path, output_root: Path) -> Path:
+    """configs/sweeps/smoke.yaml cut down to one tiny model, vanilla and R = 0.1, two smoke tasks, one document."""
+    document = yaml.safe_load((REPO / "configs" / "sweeps" / "smoke.yaml").read_text())
+    document["models"] = [entry for entry in document["models"] if entry["name"] == "qwen2_5_vl"]
+    document["tasks"] = ["videomme_smoke", "mvbench_smoke"]
+    document["include_path"] = [str(REPO / "configs" / "tasks" / "smoke")]
+    document["grid"]["retention_ratio"] = [0.1]
+    document["limit"] = 1
+    document["output_root"] = str(output_root)
+    document["name"] = "smoke_small"
+    path = tmp_path / "smoke_small.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def sweep_command(sweep_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lmms_eval_models.sweep", "run", str(sweep_file), *extra]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (reads /proc; Linux only)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def finished_snapshot(sweep_dir: Path, run_id: str) -> tuple[bytes, list[tuple[str, int]]]:
+    run_dir = store.finished_dir(sweep_dir, run_id)
+    files = sorted((str(path.relative_to(run_dir)), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
+    return (run_dir / store.MANIFEST).read_bytes(), files
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to check the killed run's processes")
+def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path: Path, flashvid_cache: Path,
+                                                                tiny_checkpoint) -> None:
+    tiny_checkpoint("qwen2_5_vl")  # built once per session, outside the sweep
+    env = {**os.environ, "FLASHVID_CACHE": str(flashvid_cache)}
+    sweep_file = small_smoke_sweep(tmp_path, tmp_path / "runs")
+    sweep = load_sweep(sweep_file)
+    sweep_dir = sweep.sweep_dir()
+    first, second = (run.run_id for run in sweep.runs)
+
+    killed = subprocess.Popen(sweep_command(sweep_file, "--no-report"), cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: store.is_finished(sweep_dir, first) and store.attempt_dir(sweep_dir, second).is_dir(), 600,
+             "the first run to finish and the second to start")
+    time.sleep(3)  # let the second lmms-eval get going
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    attempt = str(store.attempt_dir(sweep_dir, second))
+    wait_for(lambda: not processes_mentioning(attempt), 30, "the killed run's lmms-eval to exit with its parent")
+    assert not store.is_finished(sweep_dir, second)
+    before = finished_snapshot(sweep_dir, first)
+
+    rerun = subprocess.run(sweep_command(sweep_file), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 already finished, 1 to run" in rerun.stdout
+    assert finished_snapshot(sweep_dir, first) == before  # not recomputed, not touched
+    assert sorted(path.name for path in (sweep_dir / "runs").iterdir()) == sorted([first, second])
+    for run_id in (first, second):
+        assert len(store.results_files(store.finished_dir(sweep_dir, run_id))) == 1
+        assert store.check_complete(store.finished_dir(sweep_dir, run_id), sweep.tasks) is None
+    assert not [path for path in (sweep_dir / ".tmp").iterdir() if path.is_dir()]  # no attempt left behind
+    assert "plot: results/smoke_small/accuracy_vs_retention.png" in rerun.stdout
+
+    # The same sweep (same seed) run again from scratch, uninterrupted: byte-identical report tables.
+    fresh_cwd = tmp_path / "fresh"
+    fresh_cwd.mkdir()
+    fresh_file = small_smoke_sweep(fresh_cwd, fresh_cwd / "runs")
+    fresh = subprocess.run(sweep_command(fresh_file), cwd=fresh_cwd, env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    for name in ("smoke_small.csv", "smoke_small.md"):
+        assert (fresh_cwd / "results" / "smoke_small" / name).read_bytes() == \
+            (tmp_path / "results" / "smoke_small" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    sweep_file = tmp_path / "slurm_local.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "slurm_local",
+        "model": "dummy",
+        "model_args": {"response": "A"},
+        "tasks": ["videomme_sweeptest"],
+        "include_path": [str(TASK_DIR)],
+        "points": [{"name": "answer-A"}],
+        "launcher": {"type": "slurm", "cluster": "local", "gpus": 0, "time": 10},
+        "output_root": str(tmp_path / "runs"),
+    }))
+    result = subprocess.run(sweep_command(sweep_file), cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "submitted 1 job(s)" in result.stdout
+    sweep = load_sweep(sweep_file)
+    run_dir = store.finished_dir(sweep.sweep_dir(), sweep.runs[0].run_id)
+    assert store.read_manifest(run_dir)["settings"]["model"] == "dummy"
+    table = (tmp_path / "results" / "slurm_local" / "slurm_local.csv").read_text().splitlines()
+    assert table[0].startswith("run,method,retention_ratio,videomme_short,videomme_medium,videomme_long,videomme_overall")
+    assert table[1].split(",")[3:7] == ["100.00", "0.00", "50.00", "50.00"]  # the dummy answers "A" to every question
+    # Rerunning submits nothing: the run is finished.
+    again = subprocess.run(sweep_command(sweep_file, "--no-report"), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0 and "1 already finished, 0 to run" in again.stdout
