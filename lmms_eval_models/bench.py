@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ratios", type=_ratios, default=[0.1], help="FlashVID retention ratios, e.g. '0.25,0.1'")
     run.add_argument("--flashvid", type=_override, action="append", default=[], metavar="KEY=VALUE",
                      help="FlashVID config override (official key names), repeatable")
+    run.add_argument("--first-token", choices=("generate", "forward"), default="generate",
+                     help="TTFT call: generate(max_new_tokens=1), or one cached forward + argmax")
     run.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration")
     run.add_argument("--repeats", type=int, default=3, help="timed calls per video and configuration")
     run.add_argument("--seed", type=int, default=0)
@@ -146,6 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         videos=_videos(args),
         seed=args.seed,
         attn_implementation=args.attn,
+        first_token=args.first_token,
         flashvid_overrides=typed,
     )
 

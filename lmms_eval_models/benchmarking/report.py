@@ -117,8 +117,8 @@ def _cell(key: str, value: Any) -> str:
         return "–" if value is None else f"{value:.1f}x"
     if key == "peak_memory_gib":
         return _fmt(value, 2)
-    if key == "tflops":
-        return _fmt(value, 2 if value is not None and value < 10 else 1)
+    if key == "tflops":  # small CPU shapes give fractions of a TFLOP: keep three significant digits
+        return "–" if value is None else (f"{value:.1f}" if value >= 10 else f"{value:.3g}")
     return _fmt(value)
 
 
@@ -157,8 +157,9 @@ def header_lines(result: BenchResult) -> list[str]:
         f"{dtype}, {result.device_name}, attention {settings.attn_implementation}",
         f"{videos}; prompt {result.sequence_length} tokens ({result.visual_tokens_vanilla} visual in the vanilla LLM "
         f"input); medians of {settings.repeats} timed call(s) per video after {settings.warmup} warm-up(s).",
-        "Prefill = compression + LLM forward; TTFT = measured generate(max_new_tokens=1) wall time (the paper "
-        "reports vision + prefill); TFLOPs by Eq. 12 from the visual tokens the LLM received.",
+        "Prefill = compression + LLM forward; TTFT = measured wall time to the first token "
+        f"({'generate(max_new_tokens=1)' if settings.first_token == 'generate' else 'one cached forward + argmax'}; "
+        "the paper reports vision + prefill); TFLOPs by Eq. 12 from the visual tokens the LLM received.",
     ]
 
 

@@ -55,6 +55,7 @@ class BenchSettings:
     videos: list[str] = field(default_factory=list)  # video files; empty: one synthetic video
     seed: int = 0
     attn_implementation: str = "sdpa"
+    first_token: str = "generate"  # how TTFT's first token is produced: "generate" or "forward"
     flashvid_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -232,16 +233,30 @@ def _generate_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"max_new_tokens": 1, "do_sample": False, "pad_token_id": eos if eos is not None else 0}
 
 
-def time_call(model: nn.Module, probe: StageProbe, inputs: VideoInputs, device: torch.device) -> Measurement:
-    """One `generate(max_new_tokens=1)` call (TTFT) with its stage times."""
+def first_token(model: nn.Module, inputs: VideoInputs, mode: str) -> None:
+    """Produce the first generated token: `generate(max_new_tokens=1)` (default), or one forward with a cache
+    and an argmax (`forward`: the same work without generate()'s bookkeeping)."""
+    with torch.inference_mode():
+        if mode == "generate":
+            model.generate(**inputs.model_kwargs, **_generate_kwargs(model))
+        elif mode == "forward":
+            logits = model(**inputs.model_kwargs, use_cache=True, logits_to_keep=1).logits
+            logits[:, -1].argmax(dim=-1)
+        else:
+            raise ValueError(f"first-token mode must be 'generate' or 'forward', got {mode!r}")
+
+
+def time_call(
+    model: nn.Module, probe: StageProbe, inputs: VideoInputs, device: torch.device, mode: str = "generate"
+) -> Measurement:
+    """One first-token call (TTFT) with its stage times."""
     clock = probe.clock
     probe.reset()
     model.__dict__.pop("flashvid_stats", None)  # a stale value would be read as this call's
     reset_peak_memory(device)
     clock.synchronize()
     start = clock.mark()
-    with torch.inference_mode():
-        model.generate(**inputs.model_kwargs, **_generate_kwargs(model))
+    first_token(model, inputs, mode)
     end = clock.mark()
     stages = probe.times(start, end)
     stats = getattr(model, "flashvid_stats", None)
@@ -249,23 +264,72 @@ def time_call(model: nn.Module, probe: StageProbe, inputs: VideoInputs, device: 
     return Measurement(stages, compression_ms, peak_memory_bytes(device), stats)
 
 
-def measure(
+def _require_patch_ran(model: nn.Module, calls: Sequence[Measurement], mode: str) -> None:
+    """A FlashVID row must come from calls that went through the patch; otherwise it would be vanilla again."""
+    if any(call.stats is None for call in calls):
+        import transformers
+
+        raise RuntimeError(
+            f"the FlashVID patch did not run during {mode}() on {type(model).__name__} with transformers "
+            f"{transformers.__version__} (model.flashvid_stats was not set), so this row would time the stock "
+            "model. Some transformers versions encode videos in generate() before the model's forward "
+            "(mm_encoder_outputs); try --first-token forward, and report it to the patch's owners."
+        )
+
+
+@dataclass
+class Variant:
+    """One table row's configuration: vanilla (flashvid None) or FlashVID at one ratio."""
+
+    method: str
+    ratio: float | None
+    flashvid: Any  # FlashVIDConfig or None
+    calls: list[Measurement] = field(default_factory=list)
+    vision_attention: str = ""
+
+
+def _activate(model: nn.Module, variant: Variant, family: str, layout: str | None) -> None:
+    # LLaVA-Video's vanilla layout (169 + newline per frame) exists only through the patch, uncompressed.
+    if variant.flashvid is not None or layout == "llava_video":
+        _apply(model, variant.flashvid, family, layout)
+
+
+def measure_round_robin(
     model: nn.Module,
     probe: StageProbe,
     inputs: Sequence[VideoInputs],
-    settings: BenchSettings,
+    variants: Sequence[Variant],
+    context: tuple[BenchSettings, str, str | None, StageModules],
     progress: Callable[[], None],
-) -> list[Measurement]:
-    """Warm-up calls (discarded), then `repeats` timed calls per video."""
-    for _ in range(settings.warmup):
-        time_call(model, probe, inputs[0], settings.device)
+) -> None:
+    """Warm up every variant, then time them in turns (repeat × video × variant), filling `variant.calls`.
+
+    Taking turns exposes every variant to the same drift in load and clocks (a shared CPU varies by 2x within
+    a minute), so the ratios between rows stay meaningful. Switching is a class swap on the instance.
+    """
+    settings, family, layout, modules = context
+    mode = settings.first_token
+
+    def call(variant: Variant, video: VideoInputs) -> Measurement:
+        _activate(model, variant, family, layout)
+        try:
+            measurement = time_call(model, probe, video, settings.device, mode)
+            variant.vision_attention = vision_attention_description(modules, model, variant.flashvid is not None)
+        finally:
+            _remove(model)
         progress()
-    timed = []
-    for video in inputs:
-        for _ in range(settings.repeats):
-            timed.append(time_call(model, probe, video, settings.device))
-            progress()
-    return timed
+        return measurement
+
+    for variant in variants:
+        for _ in range(settings.warmup):
+            call(variant, inputs[0])
+    for _ in range(settings.repeats):
+        for video in inputs:
+            for variant in variants:
+                variant.calls.append(call(variant, video))
+    for variant in variants:
+        if variant.flashvid is not None:
+            _require_patch_ran(model, variant.calls, mode)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -350,32 +414,21 @@ def run_benchmark(settings: BenchSettings, progress_factory: Callable[[int], Any
     # Eq. 12 does not count; the LLM's visual tokens are its input length minus these.
     text_tokens = inputs[0].sequence_length - inputs[0].visual_tokens
     notes: list[str] = []
-    rows: list[MethodRow] = []
+    variants = [Variant("Vanilla", None, None)] + [
+        Variant("FlashVID", ratio, flashvid_config(family, ratio, shape.layers, settings.flashvid_overrides))
+        for ratio in settings.ratios
+    ]
     try:
-        # LLaVA-Video's vanilla layout (169 + newline per frame) exists only through the patch, with no compression.
-        if layout == "llava_video":
-            _apply(model, None, family, layout)
-        vanilla_calls = measure(model, probe, inputs, settings, tick)
-        rows.append(
-            summarise("Vanilla", None, vanilla_calls, text_tokens, shape, None,
-                      vision_attention_description(modules, model, patched=False))
-        )  # fmt: skip
-        _remove(model)
-        for ratio in settings.ratios:
-            flashvid = flashvid_config(family, ratio, shape.layers, settings.flashvid_overrides)
-            _apply(model, flashvid, family, layout)
-            try:
-                calls = measure(model, probe, inputs, settings, tick)
-                rows.append(
-                    summarise("FlashVID", ratio, calls, text_tokens, shape, flashvid.pruning_layer,
-                              vision_attention_description(modules, model, patched=True))
-                )  # fmt: skip
-            finally:
-                _remove(model)
+        measure_round_robin(model, probe, inputs, variants, (settings, family, layout, modules), tick)
     finally:
         probe.remove()
         if bar is not None:
             bar.close()
+    rows = [
+        summarise(variant.method, variant.ratio, variant.calls, text_tokens, shape,
+                  variant.flashvid.pruning_layer if variant.flashvid is not None else None, variant.vision_attention)
+        for variant in variants
+    ]  # fmt: skip
     return BenchResult(
         settings=settings,
         model_name=name,
