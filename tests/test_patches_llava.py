@@ -371,3 +371,37 @@ def test_inner_llm_pruning_shortens_layers_from_k_on(checkpoint: Callable[[str],
         ] * pruning_layer + [pruned_length + steps - 1] * (len(layers) - pruning_layer)
         greedy[attention] = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     assert greedy["eager"] == greedy["sdpa"]
+
+
+def test_reapplying_replaces_the_settings_and_the_pruning_hooks(checkpoint: Callable[[str], Path]) -> None:
+    path = checkpoint("onevision")
+    model = load(path, "sdpa")
+    inputs = video_inputs(path)
+    assert model.__dict__.get("flashvid_stats", "absent") == "absent"
+    apply_flashvid(model, flashvid_config(model, pruning_layer=2))
+    assert model.flashvid_stats is None  # nothing happened yet
+    apply_flashvid(model, flashvid_config(model, retention_ratio=0.5))  # pruning layer out of range again
+    layers = model.model.language_model.layers
+    widths: list[int] = []
+    for layer in layers:
+        layer.mlp.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[1]))
+    with torch.no_grad():
+        length = model(**inputs).logits.shape[1]
+    assert widths == [length] * len(layers)  # the first application's pruning hooks are gone
+    stats = model.flashvid_stats
+    assert stats.visual_tokens_after_pruning == stats.visual_tokens_compressed
+
+
+def test_text_prompt_after_a_video_generation_runs_stock(checkpoint: Callable[[str], Path]) -> None:
+    from transformers import AutoTokenizer
+
+    path = checkpoint("onevision")
+    patched, stock = load(path, "sdpa"), load(path, "sdpa")
+    apply_flashvid(patched, flashvid_config(patched, pruning_layer=2))
+    text = dict(
+        AutoTokenizer.from_pretrained(path)(IMAGE_PROMPT.replace("<image>\n", ""), return_tensors="pt")
+    )
+    settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    with torch.no_grad():
+        patched.generate(**video_inputs(path), **settings)
+        assert torch.equal(patched.generate(**text, **settings), stock.generate(**text, **settings))

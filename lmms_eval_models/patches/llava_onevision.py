@@ -30,7 +30,17 @@ How it works, for one model instance only (other instances of the class are unto
 - `generate` keeps tracking the original (longer) `input_ids` / `attention_mask` / positions. Decoding calls that
   continue the cache filled by a FlashVID prefill are translated back onto the shortened sequence; the state is
   per instance and replaced at every prefill.
-- What happened on the last call is in `model.flashvid_stats` (a `FlashVIDStats`); the config is never written.
+- Inner-LLM pruning (when `config.pruning_layer` lies inside the LLM) goes through `llm_pruning.attach_llm_pruning`
+  on this instance's decoder layers. Its visual tokens are the M compressed tokens; the newline embeddings count
+  as text (for the OneVision layout this is the official span [start, start + M)); from layer K on,
+  ceil(M · llm_retention_ratio) of them remain, and the layers >= K cache only the pruned sequence.
+- `model.flashvid_stats` (a `FlashVIDStats`, None before the first video call) describes the last video prefill:
+  visual_tokens_in = F·N pooled tokens, visual_tokens_compressed = M, visual_tokens_after_pruning = the visual
+  tokens left from layer K on (M without pruning), newline embeddings not counted; num_segments; compression_ms
+  (CUDA-synchronised wall time of `compress`). The config is never written.
+- transformers 5's `generate` would pre-encode the video through the stock `get_video_features`
+  (`mm_encoder_outputs`); the patched forward hides that parameter so the raw pixels reach it, as on 4.57.
+  Static (compileable) caches, whose 4-D masks are built in the original coordinates, are refused.
 
 Batch size: one video prompt per call (the official code supports batch size 1 only); a larger batch with video
 is refused with a ValueError before any model work. Calls without video (text, images) run the stock model.
@@ -114,6 +124,7 @@ def apply(model: nn.Module, config: Any, video_layout: str = "onevision") -> nn.
             model.model.language_model.layers, config.pruning_layer, config.llm_retention_ratio
         )
     setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout, pruner=pruner))
+    model.__dict__[STATS_ATTR] = None
     swap_class(model, _flashvid_model_class)
     if video_layout == "llava_video":
         swap_class(model.model, _average_pooling_class)
