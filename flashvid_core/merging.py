@@ -152,13 +152,20 @@ def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tenso
 class TreeMerge:
     """TSTM result for a video. All (F, N) except where noted.
 
-    merged: the token merged into its parent; root_values: (F, N, D) float32, a root's aggregated value (only
-    meaningful where roots & ~selected); floor_used: (S,) whether a segment's lower bound replaced the threshold.
+    merged: the token merged into its parent; sums: (F, N, D) float32, the sum over each root's tree; counts:
+    (F, N) float32, its divisor (only meaningful where roots & ~selected); floor_used: (S,) whether a segment's
+    lower bound replaced the threshold. A root's value is sums / counts (divide only the rows you need).
     """
 
     merged: Tensor
-    root_values: Tensor
+    sums: Tensor
+    counts: Tensor
     floor_used: Tensor
+
+    @property
+    def root_values(self) -> Tensor:
+        """(F, N, D) float32: sums / counts for every token (roots are the meaningful rows)."""
+        return self.sums / self.counts.clamp_min(1.0).unsqueeze(-1)
 
 
 def spatiotemporal_merge(
@@ -170,6 +177,7 @@ def spatiotemporal_merge(
     max_depth: int | None = None,
     max_breadth: int | None = None,
     true_mean: bool = False,
+    features_float32: Tensor | None = None,
 ) -> TreeMerge:
     """TSTM over all segments of a video at once.
 
@@ -177,6 +185,7 @@ def spatiotemporal_merge(
     segment_lengths: host-side lengths summing to F; kept_per_frame_floor: the per-frame budget (see
     merge_decisions). Similarities use the input dtype; sums and divisions float32 (the official code rounds to
     the input dtype after each frame step: identical for float32 inputs, within rounding for bf16/fp16).
+    features_float32: optional float32 copy of features that the caller already holds (saves a conversion).
     """
     num_frames, num_tokens, dim = features.shape
     device = features.device
@@ -188,7 +197,8 @@ def spatiotemporal_merge(
     if max_depth is not None:
         merged = limit_depth(merged, parent, max_depth)
     roots_of = tree_roots(merged, parent, max(segment_lengths, default=1))
-    flat = features.reshape(num_frames * num_tokens, dim).float()
+    source = features_float32 if features_float32 is not None else features.float()
+    flat = source.reshape(num_frames * num_tokens, dim)
     sums = torch.zeros_like(flat).index_add_(0, roots_of, flat)
     if true_mean:
         counts = torch.bincount(roots_of, minlength=num_frames * num_tokens).to(torch.float32)
@@ -199,8 +209,12 @@ def spatiotemporal_merge(
         counts = torch.ones(num_frames * num_tokens + 1, dtype=torch.float32, device=device)
         counts.index_add_(0, parent_global, torch.ones_like(parent_global, dtype=torch.float32))
         counts = counts[:-1]
-    root_values = (sums / counts.clamp_min(1.0).unsqueeze(-1)).view(num_frames, num_tokens, dim)
-    return TreeMerge(merged=merged, root_values=root_values, floor_used=floor_used)
+    return TreeMerge(
+        merged=merged,
+        sums=sums.view(num_frames, num_tokens, dim),
+        counts=counts.view(num_frames, num_tokens),
+        floor_used=floor_used,
+    )
 
 
 def merge_segment(

@@ -69,7 +69,9 @@ def validate_inputs(features: Tensor, attention: Tensor, check_finite: bool = Tr
     if features.device != attention.device:
         raise ValueError(f"features ({features.device}) and attention ({attention.device}) are on different devices")
     if check_finite:
-        finite = torch.stack([torch.isfinite(features).all(), torch.isfinite(attention).all()]).tolist()
+        # Any NaN or inf reaches its frame's mean (one reduction instead of an elementwise pass over features).
+        frame_means = features.mean(dim=1, dtype=torch.float32)
+        finite = torch.stack([torch.isfinite(frame_means).all(), torch.isfinite(attention).all()]).tolist()
         if not finite[0]:
             raise ValueError("features contain NaN or inf")
         if not finite[1]:
@@ -198,9 +200,11 @@ def _compress(
     selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
+    # One float32 copy serves selection distances and TSTM sums (a no-op for float32 inputs).
+    features_float32 = features.float()
     if num_selected > 0:
         keep = select_tokens(
-            features,
+            features_float32,
             attention,
             num_selected,
             config.token_selection_method,
@@ -214,7 +218,7 @@ def _compress(
     segment_num_tokens = [num_selected * length for length in segment_lengths]
     if num_merged > 0:
         cluster_tokens, cluster_indices, per_segment = _contextual_tokens(
-            features, selected, segment_lengths, config, budget, num_merged, generator, dpc_noise
+            features, features_float32, selected, segment_lengths, config, budget, num_merged, generator, dpc_noise
         )
         pieces_tokens.extend(cluster_tokens)
         pieces_indices.extend(cluster_indices)
@@ -241,6 +245,7 @@ def _compress(
 
 def _contextual_tokens(
     features: Tensor,
+    features_float32: Tensor,
     selected: Tensor,
     segment_lengths: list[int],
     config: FlashVIDConfig,
@@ -267,13 +272,13 @@ def _contextual_tokens(
             max_depth=config.tstm_max_depth,
             max_breadth=config.tstm_max_breadth,
             true_mean=config.tstm_true_mean,
+            features_float32=features_float32,
         )
         passed = torch.where(single_frame.unsqueeze(-1), True, ~tree.merged & ~selected)
-        # Official values are formed in the input dtype; round the float32 means to it.
-        values = tree.root_values if dtype == torch.float32 else tree.root_values.to(dtype)
+        values = _RootValues(tree.sums, tree.counts, dtype)
     else:
         passed = torch.ones(num_frames, num_tokens, dtype=torch.bool, device=device)
-        values = features
+        values = _RootValues(features, None, dtype)
     # Per frame, the passed-on tokens first, in index order (a stable sort of the "not passed" flags).
     token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)  # (F, N)
     passed_counts: list[int] = passed.sum(dim=-1).tolist()  # sync 2: cluster counts are host arithmetic
@@ -316,7 +321,7 @@ def _contextual_tokens(
         used = torch.arange(width, device=device).unsqueeze(0) < counts.unsqueeze(1)
         rows = frame_index.unsqueeze(-1).expand(-1, width)[used]
         cols = local[used]
-        pieces_tokens.append(values[rows, cols].to(dtype))
+        pieces_tokens.append(values.gather(rows, cols).to(dtype))
         pieces_indices.append(rows * num_tokens + cols)
 
     per_segment: list[int] = []
@@ -327,8 +332,23 @@ def _contextual_tokens(
     return pieces_tokens, pieces_indices, per_segment
 
 
+class _RootValues:
+    """The passed-on tokens' values, divided only where gathered: sums / counts (TSTM roots) rounded to the input
+    dtype as the official code forms them there, or the features themselves (counts None)."""
+
+    def __init__(self, sums: Tensor, counts: Tensor | None, dtype: torch.dtype) -> None:
+        self.sums, self.counts, self.dtype = sums, counts, dtype
+        self.device = sums.device
+
+    def gather(self, rows: Tensor, cols: Tensor) -> Tensor:
+        if self.counts is None:
+            return self.sums[rows, cols]
+        value = self.sums[rows, cols] / self.counts[rows, cols].clamp_min(1.0).unsqueeze(-1)
+        return value if self.dtype == torch.float32 else value.to(self.dtype)
+
+
 def _cluster_frames(
-    values: Tensor,
+    values: _RootValues,
     token_order: Tensor,
     frames: list[int],
     passed_counts: list[int],
@@ -340,7 +360,7 @@ def _cluster_frames(
     """DPC-kNN on the given frames (one padded batch) and the cluster means. Returns (K_total, D) float32 tokens
     (clusters frame by frame, each frame's in descending score order) and their global indices (the centres')."""
     device = values.device
-    dim = values.shape[-1]
+    dim = values.sums.shape[-1]
     counts_list = [passed_counts[f] for f in frames]
     cluster_list = [clusters[f] for f in frames]
     neighbour_list = [min(k, 7) for k in cluster_list]
@@ -352,7 +372,8 @@ def _cluster_frames(
     slots = torch.arange(width, device=device)
     used = slots.unsqueeze(0) < counts.unsqueeze(1)  # (C, n)
     local = token_order[frame_index, :width]  # (C, n) within-frame token indices
-    points = values[frame_index.unsqueeze(-1), local].float().masked_fill(~used.unsqueeze(-1), 0.0)
+    # Padded slots hold other (finite) tokens of the frame: cdist entries of valid pairs never read them.
+    points = values.gather(frame_index.unsqueeze(-1), local).float()
     if noise_flat.numel() > 0:
         offsets = torch.tensor([noise_offset[f] for f in frames], dtype=torch.long, device=device)
         noise_index = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp_max(noise_flat.numel() - 1)
@@ -362,21 +383,13 @@ def _cluster_frames(
     assignment, centres = dpc_knn_ragged(
         points, counts, num_clusters, num_neighbours, noise, counts_list, cluster_list, neighbour_list
     )
-    # Cluster c of frame i has the global slot base[i] + c; padding goes to a dummy slot at the end.
-    bases = [0]
-    for k in cluster_list[:-1]:
-        bases.append(bases[-1] + k)
-    total = bases[-1] + cluster_list[-1]
-    base = torch.tensor(bases, dtype=torch.long, device=device)
-    slot_of_point = torch.where(used, base.unsqueeze(1) + assignment, total).flatten()
-    sums = torch.zeros(total + 1, dim, dtype=torch.float32, device=device)
-    sums.index_add_(0, slot_of_point, points.reshape(-1, dim))
-    sizes = torch.zeros(total + 1, dtype=torch.float32, device=device)
-    sizes.index_add_(0, slot_of_point, torch.ones_like(slot_of_point, dtype=torch.float32))
-    means = sums[:total] / sizes[:total].unsqueeze(-1)
+    # Cluster means as the official code forms them: one-hot (C, K, n) @ points (C, n, D) / member counts.
+    max_clusters = max(cluster_list)
+    one_hot = (assignment.unsqueeze(1) == torch.arange(max_clusters, device=device).view(1, -1, 1)) & used.unsqueeze(1)
+    one_hot = one_hot.to(torch.float32)
+    means = torch.bmm(one_hot, points) / one_hot.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (C, K_max, D)
     # Centres, frame by frame, in score order: pick slot j < K_i of row i.
     width_k = centres.shape[1]
     pick = torch.cat([torch.arange(k) + i * width_k for i, k in enumerate(cluster_list)]).to(device)
-    centre_local = local.gather(1, centres).flatten()[pick]
-    centre_frame = frame_index.repeat_interleave(torch.tensor(cluster_list, device=device), output_size=total)
-    return means, centre_frame * num_tokens + centre_local
+    centre_global = (frame_index.unsqueeze(-1) * num_tokens + local.gather(1, centres)).flatten()[pick]
+    return means.reshape(-1, dim)[pick], centre_global

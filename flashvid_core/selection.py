@@ -61,6 +61,7 @@ def calibrated_distances(
     div: 1 - cos; attn_div: (1 - cos) * (A[j] * 1e6); attn_div_v2: ((1 - cos) * (A[j] * 1e6)) * E[j];
     div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation).
     """
+    features = features.float()  # once: both terms below work in float32
     distances = cosine_distances(features)
     if method in ("attn_div", "attn_div_v2"):
         if attention is None:
@@ -82,6 +83,8 @@ def max_min_diversity(
     index. forbid_repick=False reproduces the official attn_div_v2, which can pick a token twice.
     picked_value: the score given to picked columns (the official -1.0 only forbids re-picks while the distances
     stay above -1; -inf always does).
+    On CUDA the greedy loop (3-4 small kernels per step) is captured once per shape in a CUDA graph and replayed;
+    the kernels and so the picks are the same as in eager mode (set USE_CUDA_GRAPHS = False to disable).
     """
     batch, num_candidates, _ = distances.shape
     if num_tokens <= 0:
@@ -89,28 +92,70 @@ def max_min_diversity(
     if num_candidates == 1:
         # The official code needs two rows for its first pick; with one token the only choice is that token.
         return torch.zeros(batch, num_tokens, dtype=torch.long, device=distances.device)
-    second_smallest = torch.topk(distances, k=2, dim=1, largest=False).values[:, 1, :]  # (B, N)
-    pick = second_smallest.argmax(dim=-1)  # (B,)
-    rows = distances.reshape(batch * num_candidates, num_candidates)
-    row_base = torch.arange(batch, device=distances.device) * num_candidates
-    picks = torch.empty(batch, num_tokens, dtype=torch.long, device=distances.device)
-    picks[:, 0] = pick
-    running_min = rows.index_select(0, row_base + pick)  # (B, N): min over picked rows so far
+    if distances.is_cuda and USE_CUDA_GRAPHS and num_tokens > 2:
+        return _greedy_cuda_graph(distances, num_tokens, forbid_repick, picked_value)
+    return _greedy(distances, num_tokens, forbid_repick, picked_value)
+
+
+def second_smallest_per_column(distances: Tensor) -> Tensor:
+    """(B, N, N) -> (B, N): the second-smallest entry of each column, the value topk(k=2, dim=1, largest=False)
+    gives (a repeated minimum counts twice), by two min-reductions instead of a strided topk."""
+    smallest_row = distances.argmin(dim=1, keepdim=True)  # (B, 1, N)
+    without_smallest = distances.scatter(1, smallest_row, float("inf"))
+    return without_smallest.amin(dim=1)
+
+
+def _greedy(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_value: float) -> Tensor:
+    """The greedy loop with a running minimum: O(N) per frame and step. distances (B, N, N) -> (B, K)."""
+    batch, num_candidates, _ = distances.shape
+    pick = second_smallest_per_column(distances).argmax(dim=-1, keepdim=True)  # (B, 1)
+    picks = [pick]
+    # Row `pick` of each frame: gather along dim 1 with an expanded (view-only) index.
+    running_min = torch.gather(distances, 1, pick.unsqueeze(-1).expand(-1, 1, num_candidates)).squeeze(1)
     if forbid_repick:
-        # The official code sets picked columns to -1 before the argmax; keep that mask separately so the running
-        # minimum stays exact whatever the sign of the distances.
+        # The official code sets picked columns to -1 before the argmax; a separate mask keeps the running
+        # minimum exact whatever the sign of the distances.
         picked = torch.zeros(batch, num_candidates, dtype=torch.bool, device=distances.device)
-        batch_index = torch.arange(batch, device=distances.device)
-        picked[batch_index, pick] = True
+        picked.scatter_(1, pick, True)
     for step in range(1, num_tokens):
         scores = running_min.masked_fill(picked, picked_value) if forbid_repick else running_min
-        pick = scores.argmax(dim=-1)
-        picks[:, step] = pick
+        pick = scores.argmax(dim=-1, keepdim=True)
+        picks.append(pick)
         if step + 1 < num_tokens:
-            running_min = torch.minimum(running_min, rows.index_select(0, row_base + pick))
+            row = torch.gather(distances, 1, pick.unsqueeze(-1).expand(-1, 1, num_candidates)).squeeze(1)
+            torch.minimum(running_min, row, out=running_min)
             if forbid_repick:
-                picked[batch_index, pick] = True
-    return picks
+                picked.scatter_(1, pick, True)
+    return torch.cat(picks, dim=1)
+
+
+USE_CUDA_GRAPHS = True
+_GRAPH_CACHE: dict[tuple, tuple] = {}
+_GRAPH_CACHE_SIZE = 16
+
+
+def _greedy_cuda_graph(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_value: float) -> Tensor:
+    """Replay a captured CUDA graph of `_greedy` for this shape (captured on first use, LRU-cached)."""
+    key = (distances.device, tuple(distances.shape), num_tokens, forbid_repick, picked_value)
+    entry = _GRAPH_CACHE.pop(key, None)
+    if entry is None:
+        static_input = distances.clone()
+        stream = torch.cuda.Stream(device=distances.device)
+        stream.wait_stream(torch.cuda.current_stream(distances.device))
+        with torch.cuda.stream(stream):
+            _greedy(static_input, num_tokens, forbid_repick, picked_value)  # warm-up outside the capture
+        torch.cuda.current_stream(distances.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = _greedy(static_input, num_tokens, forbid_repick, picked_value)
+        entry = (graph, static_input, static_output)
+        while len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
+            _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
+    _GRAPH_CACHE[key] = entry
+    graph, static_input, static_output = entry
+    static_input.copy_(distances)
+    graph.replay()
+    return static_output.clone()
 
 
 def select_tokens(
