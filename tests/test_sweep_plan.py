@@ -32,8 +32,8 @@ FLASHVID_LLAVA = {"enable_flashvid": "True", "token_selection_method": "attn_div
                   "llm_retention_ratio": "0.3"}
 FLASHVID_QWEN = {**FLASHVID_LLAVA, "token_selection_method": "attn_div", "min_segment_num": "4"}
 VANILLA = {"enable_flashvid": "False"}
-TASKS = "videomme,egoschema,egoschema_subset,longvideobench_val_v,mvbench"
-TASKS_MLVU = "videomme,egoschema,egoschema_subset,longvideobench_val_v,mlvu_test"
+TASKS = "videomme_paper,egoschema,egoschema_subset,longvideobench_val_v_paper,mvbench"
+TASKS_MLVU = "videomme_paper,egoschema,egoschema_subset,longvideobench_val_v_paper,mlvu_test_paper"
 
 # sweep file -> (lmms-eval model, tasks, number of runs, {run name: exact model_args})
 EXPECTED = {
@@ -106,7 +106,7 @@ EXPECTED = {
         "1.35": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1", "expansion": "1.35",
                  "llm_retention_ratio": "0.0926"},
     }),
-    "qwen3_vl": ("flashvid_qwen3_vl", f"{TASKS},mlvu_test", 5, {
+    "qwen3_vl": ("flashvid_qwen3_vl", f"{TASKS},mlvu_test_paper", 5, {
         "vanilla": {**QWEN3, **VANILLA},
         "FlashVID retention_ratio=0.1": {**QWEN3, **FLASHVID_QWEN, "pruning_layer": "28", "llm_retention_ratio": "0.1",
                                          "retention_ratio": "0.1"},
@@ -138,7 +138,9 @@ def test_every_paper_sweep_file_is_covered() -> None:
 
 
 @pytest.mark.parametrize("sweep_name", sorted(EXPECTED))
-def test_plan_prints_the_official_settings(sweep_name: str, capsys: pytest.CaptureFixture) -> None:
+def test_plan_prints_the_official_settings(sweep_name: str, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(SWEEPS.parent.parent)  # include paths are relative to the repository root
     model, tasks, count, runs = EXPECTED[sweep_name]
     commands = planned_commands(sweep_name, capsys)
     assert len(commands) == count
@@ -158,6 +160,7 @@ def test_plan_prints_the_official_settings(sweep_name: str, capsys: pytest.Captu
         assert options["--seed"] == "0"
         assert parse_model_args(options["--model_args"]) == expected_args
         assert options["--output_path"].startswith(f"runs/{sweep_name}/.tmp/")
+        assert options["--include_path"] == "configs/tasks/paper"
 
 
 def test_paper_sweeps_point_at_existing_paper_tables() -> None:
@@ -170,7 +173,9 @@ def test_paper_sweeps_point_at_existing_paper_tables() -> None:
             assert sweep.paper.table in tables, sweep_name
 
 
-def test_slurm_plan_shows_the_job_settings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_slurm_plan_shows_the_job_settings(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(SWEEPS.parent.parent)
     text = (SWEEPS / "table1_llava_video.yaml").read_text().replace(
         "launcher: {type: accelerate, num_processes: 8}", "launcher: {type: slurm, partition: gpu, gpus: 8, time: '12:00:00'}")
     path = tmp_path / "table1_llava_video.yaml"
