@@ -1,0 +1,194 @@
+"""The stages as pure functions: incremental greedy vs full recompute, TSTM vs a frame-by-frame walk, the opt-in
+variants (tree depth / breadth, true tree mean, no re-pick, "w/ E.R."), and the inner-LLM keep positions."""
+
+from __future__ import annotations
+
+import math
+
+import core_cases as cc
+import pytest
+import torch
+
+import flashvid_core as fc
+
+LOOP = cc.loop_reference()
+
+
+def random_distances(seed: int, batch: int = 3, tokens: int = 17) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, 6, generator=generator)
+    return fc.cosine_distances(x) * torch.rand(batch, 1, tokens, generator=generator)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("forbid_repick", [True, False])
+def test_incremental_greedy_equals_full_recompute(seed, forbid_repick):
+    distances = random_distances(seed)
+    k = 9
+    got = fc.max_min_diversity(distances, k, forbid_repick)
+    for b in range(distances.shape[0]):
+        d = distances[b]
+        picks = [int(torch.topk(d, 2, dim=0, largest=False).values[1].argmax())]
+        while len(picks) < k:
+            score = d[picks].min(dim=0).values
+            if forbid_repick:
+                score[picks] = -1.0
+            picks.append(int(score.argmax()))
+        assert got[b].tolist() == picks
+
+
+def test_second_smallest_matches_topk_with_repeated_minimum():
+    d = torch.tensor([[[0.0, 2.0], [0.0, 1.0], [3.0, 1.0]]])  # column 0: minimum 0 twice
+    expected = torch.topk(d, 2, dim=1, largest=False).values[:, 1, :]
+    assert torch.equal(fc.selection.second_smallest_per_column(d), expected)
+
+
+@pytest.mark.parametrize("method", fc.TOKEN_SELECTION_METHODS)
+def test_select_tokens_matches_per_frame_loop(method):
+    features, attention = LOOP.synthetic_video(4, 30, 12, "cpu", torch.float32, seed=7)
+    keep = fc.select_tokens(features, attention, 8, method, [4])
+    segment_means = features.float().mean(dim=1)
+    for t in range(4):
+        assert keep[t].tolist() == LOOP.loop_select(features[t], attention[t], 8, method, segment_means)
+
+
+def test_attn_div_v2_can_repick_and_the_option_forbids_it():
+    # One large token opposite to fifteen small ones: the frame mean points its way, so the others' event
+    # relevance is negative, their calibrated distances are <= 0, and the official v2 re-picks the large token.
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(12, generator=generator)
+    features = direction + 0.05 * torch.randn(2, 16, 12, generator=generator)
+    features[:, 0] = -100.0 * direction
+    attention = torch.rand(2, 16, generator=generator)
+    official = fc.select_tokens(features, attention, 5, "attn_div_v2")
+    assert all(len(set(row.tolist())) < 5 for row in official)
+    forbidden = fc.select_tokens(features, attention, 5, "attn_div_v2", forbid_repick=True)
+    assert all(len(set(row.tolist())) == 5 for row in forbidden)
+    through_config = fc.compress(features, attention, fc.FlashVIDConfig(alpha=1.0, retention_ratio=0.25,
+                                                                        expansion=1.25, adts_forbid_repick=True))
+    assert through_config.indices.unique().numel() == through_config.num_tokens
+
+
+def test_div_er_calibrates_by_event_relevance_only():
+    features, attention = LOOP.synthetic_video(3, 25, 8, "cpu", torch.float32, seed=3)
+    relevance = fc.event_relevance(features)
+    expected = fc.cosine_distances(features) * relevance.unsqueeze(1)
+    assert torch.allclose(fc.calibrated_distances(features, attention, "div_er"), expected)
+    # Attention does not enter it.
+    assert torch.equal(fc.select_tokens(features, attention, 6, "div_er"),
+                       fc.select_tokens(features, torch.rand_like(attention), 6, "div_er"))
+
+
+def test_event_relevance_is_the_mean_over_the_segment_frames():
+    features, _ = LOOP.synthetic_video(5, 10, 6, "cpu", torch.float32, seed=1)
+    got = fc.event_relevance(features, [2, 3])
+    for t, (start, stop) in zip(range(5), [(0, 2), (0, 2), (2, 5), (2, 5), (2, 5)]):
+        frame_means = features[start:stop].mean(dim=1)  # (L, D)
+        expected = (features[t] @ frame_means.T).mean(dim=1)
+        assert torch.allclose(got[t], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_merge_equals_frame_by_frame_walk(seed):
+    features, attention = LOOP.synthetic_video(6, 24, 8, "cpu", torch.float32, seed=seed)
+    keep = fc.select_tokens(features, attention, 5, "attn")
+    selected = torch.zeros(6, 24, dtype=torch.bool)
+    selected[torch.arange(6).unsqueeze(-1), keep] = True
+    tokens, indices, counts = fc.merge_segment(features, ~selected, 0.6, 5, 4)
+    walked = LOOP.loop_tstm(features, selected, 0.6, 9)
+    assert counts.tolist() == [len(k) for k, _ in walked]
+    assert indices.tolist() == [i for k, _ in walked for i in k]
+    assert torch.allclose(tokens, torch.cat([v for _, v in walked]), atol=1e-5)
+
+
+def chain_video() -> torch.Tensor:
+    """3 frames, 3 tokens: token 0 drifts slowly (a chain z -> y -> x), tokens 1 and 2 are unrelated."""
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    frames = [x.clone(), x.clone(), x.clone()]
+    frames[1][0] = torch.tensor([1.0, 0.1, 0.0, 0.0])
+    frames[2][0] = torch.tensor([1.0, 0.2, 0.0, 0.0])
+    frames[1][1] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    frames[2][1] = torch.tensor([0.0, -1.0, 0.0, 0.0])
+    frames[1][2] = torch.tensor([0.0, 0.0, -1.0, 0.0])
+    frames[2][2] = torch.tensor([0.0, 0.0, 0.0, -1.0])
+    return torch.stack(frames)
+
+
+def root_value(features, **options):
+    result = fc.spatiotemporal_merge(features, torch.zeros(3, 3, dtype=torch.bool), [3], 0.9, 0, **options)
+    return result, result.root_values[0, 0]
+
+
+def test_official_merge_count_rule_and_true_mean_option():
+    features = chain_video()
+    result, official = root_value(features)
+    assert result.merged[1, 0] and result.merged[2, 0]
+    chain_sum = features[0, 0] + features[1, 0] + features[2, 0]
+    assert torch.allclose(official, chain_sum / 2)  # the parent's count grows by one per direct child
+    _, true_mean = root_value(features, true_mean=True)
+    assert torch.allclose(true_mean, chain_sum / 3)
+
+
+def test_max_depth_option():
+    features = chain_video()
+    result, _ = root_value(features, max_depth=2)  # root + one level of children: no chains
+    assert result.merged[1, 0] and not result.merged[2, 0]
+    result, _ = root_value(features, max_depth=1)  # a root alone: no temporal merging at all
+    assert not result.merged.any()
+    result, _ = root_value(features, max_depth=3)
+    assert result.merged[2, 0]
+
+
+def test_max_breadth_option():
+    # Frame 1 has three tokens close to frame 0's token 0; breadth 1 keeps only the most similar child.
+    frame0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    frame1 = torch.tensor([[1.0, 0.2, 0.0], [1.0, 0.05, 0.0], [1.0, 0.0, 0.1]])
+    features = torch.stack([frame0, frame1])
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    unlimited = fc.spatiotemporal_merge(features, none, [2], 0.9, 0)
+    assert unlimited.merged[1].all()
+    limited = fc.spatiotemporal_merge(features, none, [2], 0.9, 0, max_breadth=1)
+    assert limited.merged[1].tolist() == [False, True, False]
+    two = fc.spatiotemporal_merge(features, none, [2], 0.9, 0, max_breadth=2)
+    assert two.merged[1].tolist() == [False, True, True]
+
+
+def test_variants_reach_compress_through_the_config():
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(8, 49, 16, generator=generator)  # unrelated frames: random parents, many children
+    attention = torch.rand(8, 49, generator=generator)
+    base = fc.FlashVIDConfig(do_segment=False, alpha=0.3, temporal_threshold=0.0)
+    torch.manual_seed(0)
+    official = fc.compress(features, attention, base)
+    for change in ({"tstm_max_depth": 1}, {"tstm_max_breadth": 1}, {"tstm_true_mean": True}):
+        torch.manual_seed(0)
+        variant = fc.compress(features, attention, base.replace(**change))
+        assert variant.num_tokens >= base.token_budget(49) * 8
+        differs = variant.num_tokens != official.num_tokens or not torch.equal(variant.indices, official.indices) or \
+            not torch.allclose(variant.tokens, official.tokens)
+        assert differs, change
+
+
+def test_llm_keep_positions_golden_and_arithmetic():
+    cc.run_case(cc.cases("fastv_prune")[0])
+    attention = torch.tensor([0.5, 0.1, 0.4, 0.3, 0.2, 0.9, 0.05, 0.6])
+    keep = fc.llm_keep_positions(attention, visual_start=1, visual_length=5, llm_retention_ratio=0.5)
+    # ceil(5 * 0.5) = 3 visual positions of largest attention (2, 3, 5), all text positions (0, 6, 7).
+    assert keep.tolist() == [0, 2, 3, 5, 6, 7]
+    assert fc.llm_keep_positions(attention, 0, 8, 1.0).tolist() == list(range(8))
+    assert fc.llm_keep_positions(attention, 2, 0, 0.3).tolist() == list(range(8))
+    assert math.ceil(5 * 0.3) == 2 and len(fc.llm_keep_positions(attention, 1, 5, 0.3)) == 3 + 2
+
+
+def test_last_query_attention_averages_heads_of_the_last_row():
+    probs = torch.softmax(torch.randn(1, 3, 5, 5), dim=-1)
+    assert torch.allclose(fc.last_query_attention(probs)[0], probs[0, :, -1, :].mean(dim=0))
+    assert torch.allclose(fc.last_query_attention(probs[0]), probs[0, :, -1, :].mean(dim=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_the_golden_set_with_recorded_noise():
+    for case in cc.cases("flashvid_compression"):
+        kwargs = {} if case.get("expect_exception") else {"inject_noise": True}
+        cc.run_case(case, device="cuda", **kwargs)
