@@ -275,3 +275,64 @@ def test_images_untouched_and_short_video_works(loaded, family):
 def test_unsupported_class_is_a_type_error():
     with pytest.raises(TypeError, match="Qwen2_5_VLForConditionalGeneration"):
         apply_flashvid(torch.nn.Linear(2, 2), COMPRESS)
+
+
+def test_qwen3_deepstack_after_the_pruning_layer_is_gathered(loaded, tiny_checkpoint):
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    _, processor = loaded("qwen3_vl")
+    config = AutoConfig.from_pretrained(tiny_checkpoint("qwen3_vl"))
+    config.vision_config.deepstack_visual_indexes = [0, 1]  # deepstack added after LLM layers 0 and 1
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    settings = FlashVIDConfig(retention_ratio=0.25, min_segment_num=2, pruning_layer=1, llm_retention_ratio=0.5)
+    apply_flashvid(model, settings)
+    layers = model.model.language_model.layers
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        layers[1].register_forward_hook(lambda m, a, output: seen.__setitem__("before", _hidden(output).clone())),
+        layers[2].register_forward_pre_hook(lambda m, args: seen.__setitem__("after", args[0])),
+    ]
+    with LanguageModelInputs(model) as recorder:
+        logits(model, video_inputs(processor, "qwen3_vl"))
+    for handle in handles:
+        handle.remove()
+    deepstack = recorder.calls[0]["deepstack_visual_embeds"][1]
+    added = (seen["after"] - seen["before"])[0]
+    rows = torch.nonzero(added.abs().sum(-1) > 0).flatten()
+    assert rows.numel() == model.flashvid_stats.visual_tokens_after_pruning
+    # (4.57 adds in place, hence the clone) each addition is the deepstack row of a kept visual token, in sequence order
+    matches = torch.cdist(added[rows].float(), deepstack.float()).argmin(dim=-1)
+    torch.testing.assert_close(added[rows], deepstack[matches], atol=1e-5, rtol=1e-5)
+    assert bool((matches[1:] >= matches[:-1]).all())  # a duplicated global index repeats its row
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_without_cache_recompresses_and_agrees(loaded, family):
+    model, processor = loaded(family)
+    inputs = video_inputs(processor, family)
+    # selection only: DPC-kNN's random tie-breaker (exact ties with 1-2 clusters) would differ between the calls
+    apply_flashvid(model, FlashVIDConfig(retention_ratio=0.25, alpha=1.0, min_segment_num=2, pruning_layer=99))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        torch.manual_seed(0)
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_qwen3_official_delimiter_dropping_is_opt_in(loaded):
+    model, processor = loaded("qwen3_vl")
+    inputs = video_inputs(processor, "qwen3_vl")
+    ids = inputs["input_ids"][0]
+    config = model.config
+    is_video = ids == config.video_token_id
+    delimiters = int(((ids == config.vision_start_token_id) & torch.roll(is_video, -1)).sum()) + int(
+        ((ids == config.vision_end_token_id) & torch.roll(is_video, 1)).sum()
+    )
+    apply_flashvid(model, COMPRESS)
+    kept = logits(model, inputs).shape[1]
+    apply_flashvid(model, COMPRESS, drop_vision_delimiters=True)
+    assert logits(model, inputs).shape[1] == kept - delimiters
+    with pytest.raises(ValueError, match="drop_vision_delimiters"):
+        apply_flashvid(model, COMPRESS, drop_vision_delimiters="yes")

@@ -481,8 +481,7 @@ def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]
     if video_output is None:
         video_output = inner.get_video_features(call["pixel_values_videos"], call["video_grid_thw"])
     video_embeds, video_deepstack = _features(video_output)
-    statistic = state.video_statistic
-    state.video_statistic = None
+    statistic = state.video_statistic  # kept: 5.x generate without a cache re-sends the same features each step
     if statistic is None or not statistic.matches(video_embeds[0]):
         raise ValueError("FlashVID needs the video features computed by this patched model's get_video_features")
     attention, video_grid_thw = statistic.attention, statistic.grid_thw
@@ -622,7 +621,7 @@ def video_compression_inputs(
     inner = model.model
     state: QwenPatchState = getattr(inner, _STATE_ATTR)
     embeds, _ = _features(inner.get_video_features(pixel_values_videos, video_grid_thw))
-    statistic, state.video_statistic = state.video_statistic, None
+    statistic = state.video_statistic
     merge_unit = inner.visual.spatial_merge_size**2
     frames = video_grid_thw[:, 0].tolist()
     tokens_per_frame = (video_grid_thw[:, 1] * video_grid_thw[:, 2] // merge_unit).tolist()

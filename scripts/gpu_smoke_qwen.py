@@ -1,0 +1,173 @@
+"""GPU smoke test: FlashVID prefill on a 7B-shaped Qwen2.5-VL with random weights (bf16, CUDA).
+
+Builds Qwen2.5-VL-7B-Instruct's architecture from a config dict (no download: random init directly on the GPU),
+feeds a synthetic video of the paper's size (32 frames -> 16 temporal groups of 16 x 16 merged tokens) and times:
+the stock prefill, the FlashVID prefill (compression + pruning at layer K), and a few greedy decoding steps.
+Prints ratios measured in this run. Usage:
+
+    python scripts/gpu_smoke_qwen.py [--attn sdpa|eager|flash_attention_2] [--frames 32] [--side 448]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+# Qwen2.5-VL-7B-Instruct's published architecture (config.json), weights replaced by random init.
+TEXT = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "out_hidden_size": 3584,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "hidden_act": "silu",
+}
+TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+          "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}  # fmt: skip
+MROPE_SECTION = [16, 24, 24]
+ROPE_THETA = 1_000_000.0
+
+
+def build_config(attn_implementation: str):
+    import transformers
+    from packaging.version import Version
+    from transformers import Qwen2_5_VLConfig
+
+    rope = {"rope_type": "default", "mrope_section": MROPE_SECTION}
+    if Version(transformers.__version__) >= Version("5.0.0"):
+        text = {**TEXT, "rope_parameters": {**rope, "rope_theta": ROPE_THETA}}
+    else:
+        text = {**TEXT, "rope_scaling": {**rope, "type": "mrope"}, "rope_theta": ROPE_THETA}
+    config = Qwen2_5_VLConfig(text_config={**text, **TOKENS}, vision_config=VISION, **TOKENS)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_model(attn_implementation: str):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = build_config(attn_implementation)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):  # random init straight on the GPU, in bf16 (about 16 GB)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():  # keep activations finite with random weights
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.02)
+    return model.to(torch.bfloat16).eval()
+
+
+def build_inputs(frames: int, side: int, device: str = "cuda") -> dict:
+    patch, merge, temporal = VISION["patch_size"], VISION["spatial_merge_size"], VISION["temporal_patch_size"]
+    grid = torch.tensor([[frames // temporal, side // patch, side // patch]], device=device)
+    patches = int(grid.prod())
+    video_tokens = patches // merge**2
+    generator = torch.Generator(device=device).manual_seed(0)
+    pixel_values_videos = torch.randn(
+        patches, 3 * temporal * patch * patch, generator=generator, device=device, dtype=torch.bfloat16
+    )
+    prefix = torch.randint(1000, 100000, (12,), generator=generator, device=device)
+    suffix = torch.randint(1000, 100000, (40,), generator=generator, device=device)
+    video = torch.full((video_tokens,), TOKENS["video_token_id"], device=device)
+    start = torch.tensor([TOKENS["vision_start_token_id"]], device=device)
+    end = torch.tensor([TOKENS["vision_end_token_id"]], device=device)
+    input_ids = torch.cat([prefix, start, video, end, suffix]).unsqueeze(0)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": pixel_values_videos,
+        "video_grid_thw": grid,
+        "second_per_grid_ts": torch.tensor([1.0], device=device),
+    }
+    try:  # 5.x: the processor also returns modality ids (0 text, 1 image, 2 video)
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__) >= Version("5.0.0"):
+            inputs["mm_token_type_ids"] = 2 * (input_ids == TOKENS["video_token_id"]).long()
+    except ImportError:
+        pass
+    return inputs
+
+
+def timed(function, repeats: int = 3) -> tuple[float, object]:
+    result = function()  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = function()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats * 1000.0, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--side", type=int, default=448, help="frame side in pixels (multiple of 28)")
+    parser.add_argument("--decode-steps", type=int, default=4)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: this smoke test needs one")
+
+    import transformers
+
+    from flashvid_core import FlashVIDConfig
+    from lmms_eval_models.patches import apply_flashvid, remove_flashvid
+
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    started = time.perf_counter()
+    model = build_model(args.attn)
+    print(f"built 7B-shaped Qwen2.5-VL ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
+          f"{args.attn}) in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    inputs = build_inputs(args.frames, args.side)
+    print(f"prompt: {inputs['input_ids'].shape[1]} tokens, video grid {inputs['video_grid_thw'].tolist()}")
+
+    with torch.no_grad():
+        stock_ms, stock = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        print(f"stock prefill: {stock_ms:.1f} ms, finite logits: {bool(torch.isfinite(stock.logits).all())}")
+
+        config = FlashVIDConfig(token_selection_method="attn_div", min_segment_num=4)  # the official Qwen script
+        apply_flashvid(model, config)
+        flash_ms, flash = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        stats = model.flashvid_stats
+        cache = flash.past_key_values
+        lengths = sorted({cache.get_seq_length(i) for i in range(TEXT["num_hidden_layers"])})
+        print(f"FlashVID prefill: {flash_ms:.1f} ms ({stock_ms / flash_ms:.2f}x faster than stock), {stats}")
+        print(f"KV cache lengths per layer (below / from K={config.pruning_layer}): {lengths}")
+        assert bool(torch.isfinite(flash.logits).all()), "non-finite logits"
+
+        generated = model.generate(**inputs, max_new_tokens=args.decode_steps, do_sample=False)
+        print(f"greedy decoding after a FlashVID prefill: {generated[0, inputs['input_ids'].shape[1]:].tolist()}")
+        remove_flashvid(model)
+    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
