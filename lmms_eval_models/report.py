@@ -87,9 +87,6 @@ def collect(sweep: Sweep, sweep_dir: Path) -> pd.DataFrame:
             continue
         rows.append({**run_fields(run), **read_scores(run_dir), "run_id": run.run_id})
     columns = [c for c in BENCHMARK_COLUMNS if any(c in row for row in rows)]
-    if sweep.report_benchmarks:
-        columns = [c for c in columns if c in sweep.report_benchmarks or (c.startswith("videomme")
-                   and "videomme_overall" in sweep.report_benchmarks)]
     for row in rows:
         row["avg_score"] = average(row, columns)
     references = _reference_ids(sweep.runs)

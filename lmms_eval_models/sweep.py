@@ -162,7 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         print("\n".join(status_lines(sweep, sweep_dir)))
         return 0
-    return cmd_run(sweep, sweep_dir, stream=args.stream, report=not args.no_report)
+    try:
+        return cmd_run(sweep, sweep_dir, stream=args.stream, report=not args.no_report)
+    except KeyboardInterrupt:
+        # The interrupted run stays unpublished; its attempt folder is restarted by the next `run`.
+        print("\ninterrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from lmms_eval_models import report as report_cli
 from lmms_eval_models.report import average, collect, comparison, match_paper_rows, report_sweep
 from lmms_eval_models.sweeps.paper import leading_number, paper_frame, values_match
 from lmms_eval_models.sweeps.results import benchmark_of, main_metric, read_scores, videomme_by_duration
-from lmms_eval_models.sweeps.spec import load_sweep
+from lmms_eval_models.sweeps.spec import load_sweep, method_of
 
 DATA = Path(__file__).parent / "data" / "sweep_report"
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
@@ -148,5 +148,25 @@ def test_paper_value_matching() -> None:
     assert values_match("33.3%", 100 / 3)
     assert values_match("25%", 25.0) and not values_match("25%", 20.0)
     assert values_match("1.0/ADTS", 1.0)
+    assert values_match("1.25", 1.25) and not values_match("1.20", 1.25) and not values_match("1.25", 1.2)
     assert values_match("w/ E.R.", "w/ E.R.") and values_match("32/Inf", "32/Inf")
     assert not values_match("FlashVID", "FastVID")
+
+
+SWEEPS = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+
+
+@pytest.mark.parametrize("sweep_file", sorted(path.name for path in SWEEPS.glob("table*.yaml")))
+def test_every_non_vanilla_run_of_a_paper_sweep_finds_its_own_paper_row(sweep_file: str) -> None:
+    sweep = load_sweep(SWEEPS / sweep_file)
+    ours = pd.DataFrame({"run_id": [run.run_id for run in sweep.runs]})
+    matched = match_paper_rows(sweep, ours, PAPER_DIR)
+    rows = []
+    for run, row in zip(sweep.runs, matched):
+        if method_of(run.model_args) == "Vanilla" and "method" not in sweep.paper.match:
+            continue  # ablation tables print no vanilla row
+        assert row is not None, f"{sweep_file}: {run.name} has no paper row"
+        if "method" in row:
+            assert row["method"] == method_of(run.model_args)
+        rows.append(tuple(sorted(row.items(), key=str)))
+    assert len(set(rows)) == len(rows), "two runs matched the same paper row"

@@ -56,13 +56,21 @@ def paper_frame(table_id: str, paper_dir: Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _printed_precision(value: Any) -> float:
+    """Half a unit of the last printed digit: 0.05 for '33.3%', 0.005 for '1.25', 0.5 for '25%'."""
+    match = _LEADING_NUMBER.match(str(value))
+    decimals = len(match.group(1).split(".")[1]) if match and "." in match.group(1) else 0
+    return 0.5 * 10.0 ** -decimals + 1e-9
+
+
 def values_match(paper_value: Any, run_value: Any) -> bool:
-    """Numbers compare to 0.05 (the paper prints one decimal: '33.3%' matches R = 1/3); text case-insensitively."""
+    """Numbers are equal to the paper's printed precision ('33.3%' matches R = 1/3, '1.25' does not match 1.2);
+    text compares case-insensitively."""
     if run_value is None or paper_value is None:
         return False
     paper_number, run_number = leading_number(paper_value), leading_number(run_value)
     if paper_number is not None and run_number is not None and not isinstance(run_value, str):
-        return abs(paper_number - run_number) <= 0.051
+        return abs(paper_number - run_number) <= _printed_precision(paper_value)
     return str(paper_value).strip().lower() == str(run_value).strip().lower()
 
 

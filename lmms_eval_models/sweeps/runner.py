@@ -155,7 +155,8 @@ def _run_on_slurm(runs: Sequence[Run], sweep_dir: Path, launcher: Launcher,
         if launcher.additional_parameters:
             parameters["slurm_additional_parameters"] = dict(launcher.additional_parameters)
     executor.update_parameters(**parameters)
-    jobs = {executor.submit(_slurm_job, run, str(sweep_dir), launcher): run for run in runs}
+    # Absolute, so the job finds the sweep whatever its working directory on the node.
+    jobs = {executor.submit(_slurm_job, run, str(sweep_dir.resolve()), launcher): run for run in runs}
     print(f"submitted {len(jobs)} job(s): {', '.join(job.job_id for job in jobs)}", flush=True)
     outcomes = []
     with tqdm(total=len(jobs), desc="runs", unit="run", disable=None) as bar:

@@ -21,7 +21,7 @@ Scalar = str | int | float | bool
 
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "model_args", "models", "tasks", "include_path", "grid", "points",
-    "launcher", "output_root", "seed", "limit", "batch_size", "gen_kwargs", "paper", "report",
+    "launcher", "output_root", "seed", "limit", "batch_size", "gen_kwargs", "paper",
 )
 MODEL_ENTRY_KEYS = ("name", "model", "model_args")
 POINT_RESERVED_KEYS = ("name", "label", "reference", "models")
@@ -35,7 +35,6 @@ LAUNCHER_KEYS = {
 }
 SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
 PAPER_KEYS = ("table", "match", "where")
-REPORT_KEYS = ("benchmarks",)
 # Prefix of a model_args value that names a tiny checkpoint family, resolved (built if needed) before launch.
 TINY_PREFIX = "tiny:"
 
@@ -120,7 +119,6 @@ class Sweep:
     batch_size: int
     gen_kwargs: str | None
     paper: PaperRef | None
-    report_benchmarks: tuple[str, ...] | None
     runs: tuple[Run, ...]
 
     def sweep_dir(self, output_root: str | Path | None = None) -> Path:
@@ -442,11 +440,6 @@ def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
     output_root = raw.get("output_root", "runs")
     if not isinstance(output_root, str) or not output_root:
         raise SweepError("output_root", "must be a folder path")
-    report = _require_mapping(raw.get("report", {}), "report")
-    _check_keys(report, REPORT_KEYS, "report.")
-    report_benchmarks = None
-    if "benchmarks" in report:
-        report_benchmarks = _string_list(report["benchmarks"], "report.benchmarks")
 
     if "grid" not in raw and "points" not in raw:
         raise SweepError("grid", "give a `grid` and/or `points`: a sweep needs at least one run")
@@ -457,7 +450,7 @@ def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
     return Sweep(
         name=name, path=path, description=str(raw.get("description", "")), models=models,
         launcher=_parse_launcher(raw.get("launcher")), output_root=output_root, paper=_parse_paper(raw.get("paper")),
-        report_benchmarks=report_benchmarks, runs=runs, **sweep_settings,
+        runs=runs, **sweep_settings,
     )
 
 
