@@ -405,3 +405,29 @@ def test_text_prompt_after_a_video_generation_runs_stock(checkpoint: Callable[[s
     with torch.no_grad():
         patched.generate(**video_inputs(path), **settings)
         assert torch.equal(patched.generate(**text, **settings), stock.generate(**text, **settings))
+
+
+SMOKE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_smoke_llava.py"
+
+
+def run_smoke(*arguments: str) -> str:
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, str(SMOKE_SCRIPT), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_smoke_7b_shaped_prefill() -> None:
+    out = run_smoke("--frames", "32", "--repeats", "1")
+    assert "visual_tokens_in=6272" in out and "speed-up" in out

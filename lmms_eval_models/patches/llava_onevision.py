@@ -394,7 +394,10 @@ def _video_prefill(
     with pruning as pruned:
         outputs = stock_forward(model, **arguments)
 
-    cache = getattr(outputs, "past_key_values", None)
+    # the cache the caller passed (generate always does), else the one the model made (tuple outputs have none)
+    cache = arguments.get("past_key_values")
+    if cache is None:
+        cache = getattr(outputs, "past_key_values", None)
     patch.decode = (
         _DecodeMap(cache=weakref.ref(cache), start=start, original_run=run, video_len=video.shape[1])
         if cache is not None
@@ -434,6 +437,8 @@ def _check_video_call(
     past = arguments.get("past_key_values")
     if past is not None and past.get_seq_length() > 0:
         raise ValueError("FlashVID compresses a video at prefill: past_key_values must be empty on that call")
+    if arguments.get("labels") is not None:
+        raise ValueError("FlashVID shortens the sequence, so labels for the original one cannot be scored")
     mask = arguments.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise ValueError("FlashVID on LLaVA-OneVision takes a 2-D attention_mask (batch, sequence)")
