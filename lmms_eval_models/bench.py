@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint", default=None, help="load this checkpoint instead of a preset")
     model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     model.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    model.add_argument("--threads", type=int, default=None,
+                       help="CPU threads (default on CPU: 1, which keeps timings stable on a shared machine)")
     model.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     model.add_argument("--video-layout", choices=("onevision", "llava_video"), default=None,
                        help="LLaVA token layout (default: the preset's; onevision for a checkpoint)")
@@ -116,6 +118,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from lmms_eval_models.benchmarking.runner import BenchSettings
 
     device = _device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"flashvid-bench: --threads must be >= 1, got {args.threads}")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = None
     if args.checkpoint is None:
@@ -149,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         seed=args.seed,
         attn_implementation=args.attn,
         first_token=args.first_token,
+        threads=args.threads,
         flashvid_overrides=typed,
     )
 

@@ -131,3 +131,24 @@ def test_qwen_small_runs_through_the_patch(tmp_path: Path, capsys: pytest.Captur
     table = _table_lines(capsys.readouterr().out)
     flashvid = next(line for line in table if line.startswith("ours    FlashVID"))
     assert "10%" in flashvid
+
+
+@pytest.mark.parametrize(("table", "csv_name"), [("table6", "table6_efficiency_llava_onevision.csv"),
+                                                 ("table10", "table10_efficiency_llava_video.csv")])  # fmt: skip
+def test_paper_rows_match_the_papers_tables(repo_root: Path, table: str, csv_name: str) -> None:
+    from lmms_eval_models.benchmarking.paper import paper_rows
+
+    printed = list(csv.DictReader((repo_root / "results" / "paper" / csv_name).open()))
+    ours = paper_rows(table)
+    assert [row.method for row in ours] == [row["method"] for row in printed]
+    for row, reference in zip(ours, printed):
+        assert row.tflops == float(reference["tflops"])
+        assert row.vision_encoding_ms == float(reference["vision_encoding_ms"])
+        assert row.llm_forward_ms == float(reference["llm_forward_ms"])
+        assert row.prefill_total_ms == float(reference["prefill_total_ms"])
+        assert row.ttft_ms == float(reference["ttft_ms"])
+        assert f"{row.prefill_speedup:.1f}x" == reference["prefill_speedup"]
+        assert (row.compression_ms is None) == (reference["compression_ms"] == "")
+    shipped = [r for r in csv.DictReader((repo_root / "results" / "efficiency" / "paper_table6.csv").open())
+               if r["table"] == table]  # fmt: skip
+    assert [float(r["ttft_ms"]) for r in shipped] == [row.ttft_ms for row in ours]

@@ -7,8 +7,9 @@ and removed again, so weights, inputs and kernels are shared and the ratios are 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ class BenchSettings:
     seed: int = 0
     attn_implementation: str = "sdpa"
     first_token: str = "generate"  # how TTFT's first token is produced: "generate" or "forward"
+    threads: int | None = None  # CPU threads; None: 1 on CPU (see cpu_threads), torch's default on GPU
     flashvid_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -387,8 +389,30 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@contextlib.contextmanager
+def cpu_threads(settings: BenchSettings) -> Iterator[None]:
+    """torch's CPU thread count for the run, restored afterwards.
+
+    On CPU the default is one thread: tiny kernels split over threads that other processes preempt stall at
+    every barrier (seen: 5x spread between identical calls on a shared 2-core machine), one thread repeats.
+    """
+    previous = torch.get_num_threads()
+    wanted = settings.threads or (1 if settings.device.type == "cpu" else None)
+    if wanted:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_benchmark(settings: BenchSettings, progress_factory: Callable[[int], Any] | None = None) -> BenchResult:
-    """Vanilla, then FlashVID at each ratio, on one model instance. Returns the rows (vanilla first)."""
+    """Vanilla and FlashVID at each ratio, on one model instance. Returns the rows (vanilla first)."""
+    with cpu_threads(settings):
+        return _run_benchmark(settings, progress_factory)
+
+
+def _run_benchmark(settings: BenchSettings, progress_factory: Callable[[int], Any] | None) -> BenchResult:
     if settings.preset is None and settings.checkpoint is None:
         raise ValueError("give a model preset or a checkpoint path")
     if settings.checkpoint is not None:
