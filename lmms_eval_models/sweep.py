@@ -21,6 +21,15 @@ from lmms_eval_models.sweeps.command import build_command
 from lmms_eval_models.sweeps.runner import Outcome, run_runs
 from lmms_eval_models.sweeps.spec import TINY_PREFIX, Launcher, Run, Sweep, SweepError, load_sweep
 
+# How each suite model lays a video out for the LLM. Not a model_arg: the model class fixes it to the official
+# scripts' setting (mm_spatial_pool_mode and newline placement there); printed by `plan` so a plan shows it.
+VIDEO_LAYOUTS = {
+    "flashvid_llava_onevision": "bilinear 2-D pooling to 14x14 tokens per frame, one newline token at the end",
+    "flashvid_llava_video": "average pooling (stride 2) to 13x13 tokens per frame, one newline token per frame",
+    "flashvid_qwen2_5_vl": "the model's own 2x2 patch merging, no extra pooling",
+    "flashvid_qwen3_vl": "the model's own 2x2 patch merging, no extra pooling",
+}
+
 
 def load_checked(path: str | Path) -> Sweep:
     """Load, validate and check a sweep file against the installed lmms-eval (before anything starts)."""
@@ -57,6 +66,7 @@ def plan_lines(sweep: Sweep, sweep_dir: Path) -> list[str]:
             "",
             f"[{index}/{len(sweep.runs)}] {run.label or run.name}  id={run.run_id}  ({state})",
             f"  model: {run.model}",
+            *([f"  pooling: {VIDEO_LAYOUTS[run.model]} (fixed by the model class)"] if run.model in VIDEO_LAYOUTS else []),
             "  model_args: " + ",".join(f"{k}={v}" for k, v in _rendered(run).items()),
             f"  tasks: {','.join(run.tasks)}",
             "  $ " + shlex.join(run_command(sweep, run, sweep_dir)),
@@ -110,6 +120,9 @@ def summary_lines(outcomes: Sequence[Outcome], skipped: int) -> list[str]:
 
 
 def _report_outcome(outcome: Outcome) -> None:
+    # One line per run as it ends, so logs without a terminal (CI, SLURM) show progress too.
+    took = f" in {outcome.seconds:.0f} s" if outcome.seconds else ""
+    tqdm_module.tqdm.write(f"{outcome.status} {outcome.run_id}{took}")
     if outcome.status == "failed":
         tqdm_module.tqdm.write(f"run {outcome.run_id} FAILED: {outcome.detail}", file=sys.stderr)
 

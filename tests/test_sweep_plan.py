@@ -163,6 +163,19 @@ def test_plan_prints_the_official_settings(sweep_name: str, capsys: pytest.Captu
         assert options["--include_path"] == "configs/tasks/paper"
 
 
+@pytest.mark.parametrize(("sweep_name", "pooling"), [
+    ("table1_llava_onevision", "bilinear 2-D pooling to 14x14 tokens per frame, one newline token at the end"),
+    ("table1_llava_video", "average pooling (stride 2) to 13x13 tokens per frame, one newline token per frame"),
+    ("table2_qwen2_5_vl", "the model's own 2x2 patch merging, no extra pooling"),
+])
+def test_plan_shows_the_pooling(sweep_name: str, pooling: str, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(SWEEPS.parent.parent)
+    assert sweep_cli.main(["plan", str(SWEEPS / f"{sweep_name}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"  pooling: {pooling} (fixed by the model class)") == len(load_sweep(SWEEPS / f"{sweep_name}.yaml").runs)
+
+
 def test_paper_sweeps_point_at_existing_paper_tables() -> None:
     from lmms_eval_models.sweeps.paper import paper_tables
 
