@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._transfer import int_tensors
+
 # A uniform random tie-breaker of this size is added to the densities, as in the official code.
 DENSITY_NOISE_SCALE = 1e-6
 # torch.cdist switches to the matrix-product formula above this many points.
@@ -166,7 +168,7 @@ def _top_scores(score: Tensor, point_counts: list[int], cluster_counts: list[int
         return torch.topk(score, k=max_clusters, dim=-1).indices
     centres = torch.zeros(batch, max_clusters, dtype=torch.long, device=score.device)
     if batched_rows:
-        rows = torch.tensor(batched_rows, dtype=torch.long, device=score.device)
+        (rows,) = int_tensors(score.device, batched_rows)
         width = max(cluster_counts[c] for c in batched_rows)
         centres[rows, :width] = torch.topk(score[rows], k=width, dim=-1).indices
     for c in exact_rows:

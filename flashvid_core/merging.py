@@ -17,26 +17,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._transfer import int_tensors
+
 # The floor threshold is clamped to at least this, as in the official code (so similarity -1 never merges).
 MIN_FLOOR_THRESHOLD = -1.0 + 1e-6
 
 
-def segment_ids_of_frames(segment_lengths: list[int], device: torch.device) -> Tensor:
-    """(F,) int64: the segment of each frame (zero-length segments own no frame)."""
-    lengths = torch.tensor(segment_lengths, dtype=torch.long)
-    ids = torch.repeat_interleave(torch.arange(len(segment_lengths)), lengths)
-    return ids.to(device)
-
-
-def segment_start_frames(segment_lengths: list[int], device: torch.device) -> Tensor:
-    """(F,) bool: True for the first frame of each segment."""
-    starts = torch.zeros(sum(segment_lengths), dtype=torch.bool)
-    offset = 0
-    for length in segment_lengths:
-        if length > 0:
-            starts[offset] = True
-        offset += length
-    return starts.to(device)
+def frame_layout(segment_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-frame segment structure, in one transfer. Returns segment_of_frame (F,) int64, is_segment_start (F,)
+    bool, frame_segment_length (F,) int64 and segment_lengths (S,) int64 (zero-length segments own no frame)."""
+    segment_of_frame: list[int] = []
+    starts: list[int] = []
+    frame_length: list[int] = []
+    for segment, length in enumerate(segment_lengths):
+        segment_of_frame.extend([segment] * length)
+        starts.extend([1] + [0] * (length - 1) if length > 0 else [])
+        frame_length.extend([length] * length)
+    ids, start, frame_len, lengths = int_tensors(device, segment_of_frame, starts, frame_length, segment_lengths)
+    return ids, start.bool(), frame_len, lengths
 
 
 def temporal_parents(features: Tensor, selected: Tensor, segment_starts: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,6 +65,7 @@ def merge_decisions(
     temporal_threshold: float,
     segment_lengths: list[int],
     kept_per_frame_floor: int,
+    layout: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Which tokens merge into their parent: max_sim > threshold, with the official lower bound on kept tokens.
 
@@ -78,11 +77,10 @@ def merge_decisions(
     num_frames, num_tokens = max_sim.shape
     device = max_sim.device
     num_segments = len(segment_lengths)
-    segment_of_frame = segment_ids_of_frames(segment_lengths, device)
+    segment_of_frame, _, _, lengths = layout if layout is not None else frame_layout(segment_lengths, device)
     # Thresholds live in max_sim's dtype, as the reference compares a tensor of that dtype with a Python float.
     threshold = torch.full((num_segments,), temporal_threshold, dtype=max_sim.dtype, device=device)
     merged = max_sim > threshold[segment_of_frame].unsqueeze(-1)
-    lengths = torch.tensor(segment_lengths, dtype=torch.long, device=device)
     kept = torch.zeros(num_segments, dtype=torch.long, device=device)
     kept.index_add_(0, segment_of_frame, (~merged).sum(dim=-1))
     lower_bound = lengths * kept_per_frame_floor
@@ -189,9 +187,9 @@ def spatiotemporal_merge(
     """
     num_frames, num_tokens, dim = features.shape
     device = features.device
-    starts = segment_start_frames(segment_lengths, device)
-    max_sim, parent = temporal_parents(features, selected, starts)
-    merged, floor_used = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor)
+    layout = frame_layout(segment_lengths, device)
+    max_sim, parent = temporal_parents(features, selected, layout[1])
+    merged, floor_used = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor, layout)
     if max_breadth is not None:
         merged = limit_breadth(merged, parent, max_sim, max_breadth)
     if max_depth is not None:

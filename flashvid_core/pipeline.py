@@ -1,6 +1,6 @@
 """`compress`: FlashVID's vision-side compression of a whole video (spec sections 1-6).
 
-Stages: budgets (host arithmetic) -> DySeg segment lengths (one device sync) -> token selection for all frames at
+Stages: budgets (host arithmetic) -> DySeg segment lengths (one or two small device reads) -> token selection for all frames at
 once -> TSTM for all multi-frame segments at once -> per-frame cluster counts (one device sync) -> DPC-kNN for
 all frames that need it, padded into at most two batches -> output ordered by global index f * N + n.
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._transfer import int_tensors
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
 from .merging import spatiotemporal_merge
@@ -134,11 +135,11 @@ def compress(
             "frame are budgeted (the official code divides by zero here): use temporal_threshold < 1 or alpha = 1"
         )
 
-    lengths_tensor = video_segment_lengths(
+    segment_lengths = video_segment_lengths(
         features, config.segment_threshold, config.min_segment_num, config.complementary_segment, config.do_segment
     )
     return _compress(
-        features, attention, config, lengths_tensor, num_selected, num_merged, generator, dpc_noise
+        features, attention, config, segment_lengths, num_selected, num_merged, generator, dpc_noise
     )
 
 
@@ -176,15 +177,16 @@ def compress_segment(
         )
     if num_selected > 0 and config.alpha == 0.0:
         raise ValueError("num_selected > 0 with alpha = 0: the official code runs no selection when alpha is 0")
-    lengths_tensor = torch.tensor([features.shape[0]], dtype=torch.long, device=features.device)
-    return _compress(features, attention, config, lengths_tensor, num_selected, num_merged, generator, dpc_noise)
+    return _compress(
+        features, attention, config, [features.shape[0]], num_selected, num_merged, generator, dpc_noise
+    )
 
 
 def _compress(
     features: Tensor,
     attention: Tensor,
     config: FlashVIDConfig,
-    lengths_tensor: Tensor,
+    segment_lengths: list[int],
     num_selected: int,
     num_merged: int,
     generator: torch.Generator | None,
@@ -193,7 +195,6 @@ def _compress(
     num_frames, num_tokens, dim = features.shape
     device = features.device
     budget = num_selected + num_merged
-    segment_lengths: list[int] = lengths_tensor.tolist()  # sync 1: the segment structure drives the host side
     frame_arange = torch.arange(num_frames, device=device)
 
     # Token selection for every frame at once (event relevance is per segment).
@@ -232,11 +233,12 @@ def _compress(
     else:
         tokens = features.new_zeros(0, dim)
         indices = torch.zeros(0, dtype=torch.long, device=device)
+    segment_info = int_tensors(device, segment_lengths, segment_num_tokens)
     return Compression(
         tokens=tokens,
         indices=indices,
-        segment_lengths=lengths_tensor,
-        segment_num_tokens=torch.tensor(segment_num_tokens, dtype=torch.long, device=device),
+        segment_lengths=segment_info[0],
+        segment_num_tokens=segment_info[1],
         token_budget=budget,
         num_selected=num_selected,
         num_merged=num_merged,
@@ -257,9 +259,7 @@ def _contextual_tokens(
     """TSTM then per-frame DPC-kNN. Returns token pieces, index pieces and tokens per segment."""
     num_frames, num_tokens, _ = features.shape
     device, dtype = features.device, features.dtype
-    frame_length = torch.tensor(segment_lengths, dtype=torch.long).repeat_interleave(
-        torch.tensor(segment_lengths, dtype=torch.long)
-    ).to(device)
+    (frame_length,) = int_tensors(device, [length for length in segment_lengths for _ in range(length)])
     single_frame = frame_length == 1  # (F,) a one-frame segment passes ALL its tokens on (selected included)
 
     if max(segment_lengths) > 1:
@@ -314,13 +314,11 @@ def _contextual_tokens(
         pieces_tokens.append(tokens.to(dtype))
         pieces_indices.append(indices)
     if pass_frames:
-        width = max(max(passed_counts[f] for f in pass_frames), 1)
-        frame_index = torch.tensor(pass_frames, dtype=torch.long, device=device)
-        counts = torch.tensor([passed_counts[f] for f in pass_frames], dtype=torch.long, device=device)
-        local = token_order[frame_index, :width]
-        used = torch.arange(width, device=device).unsqueeze(0) < counts.unsqueeze(1)
-        rows = frame_index.unsqueeze(-1).expand(-1, width)[used]
-        cols = local[used]
+        # Host-built flat positions of the passed tokens (no boolean-mask indexing, which would sync).
+        rows_list = [f for f in pass_frames for _ in range(passed_counts[f])]
+        slots_list = [j for f in pass_frames for j in range(passed_counts[f])]
+        rows, slots = int_tensors(device, rows_list, slots_list)
+        cols = token_order[rows, slots]
         pieces_tokens.append(values.gather(rows, cols).to(dtype))
         pieces_indices.append(rows * num_tokens + cols)
 
@@ -365,17 +363,19 @@ def _cluster_frames(
     cluster_list = [clusters[f] for f in frames]
     neighbour_list = [min(k, 7) for k in cluster_list]
     width = max(counts_list)
-    frame_index = torch.tensor(frames, dtype=torch.long, device=device)
-    counts = torch.tensor(counts_list, dtype=torch.long, device=device)
-    num_clusters = torch.tensor(cluster_list, dtype=torch.long, device=device)
-    num_neighbours = torch.tensor(neighbour_list, dtype=torch.long, device=device)
+    max_clusters = max(cluster_list)
+    offsets_list = [noise_offset[f] for f in frames] if noise_flat.numel() > 0 else [0] * len(frames)
+    # Slot j < K_i of row i, frame by frame: the centres in score order.
+    pick_list = [i * max_clusters + j for i, k in enumerate(cluster_list) for j in range(k)]
+    frame_index, counts, num_clusters, num_neighbours, offsets, pick = int_tensors(
+        device, frames, counts_list, cluster_list, neighbour_list, offsets_list, pick_list
+    )
     slots = torch.arange(width, device=device)
     used = slots.unsqueeze(0) < counts.unsqueeze(1)  # (C, n)
     local = token_order[frame_index, :width]  # (C, n) within-frame token indices
     # Padded slots hold other (finite) tokens of the frame: cdist entries of valid pairs never read them.
     points = values.gather(frame_index.unsqueeze(-1), local).float()
     if noise_flat.numel() > 0:
-        offsets = torch.tensor([noise_offset[f] for f in frames], dtype=torch.long, device=device)
         noise_index = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp_max(noise_flat.numel() - 1)
         noise = noise_flat[noise_index].masked_fill(~used, 0.0)
     else:
@@ -384,12 +384,9 @@ def _cluster_frames(
         points, counts, num_clusters, num_neighbours, noise, counts_list, cluster_list, neighbour_list
     )
     # Cluster means as the official code forms them: one-hot (C, K, n) @ points (C, n, D) / member counts.
-    max_clusters = max(cluster_list)
     one_hot = (assignment.unsqueeze(1) == torch.arange(max_clusters, device=device).view(1, -1, 1)) & used.unsqueeze(1)
     one_hot = one_hot.to(torch.float32)
     means = torch.bmm(one_hot, points) / one_hot.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (C, K_max, D)
     # Centres, frame by frame, in score order: pick slot j < K_i of row i.
-    width_k = centres.shape[1]
-    pick = torch.cat([torch.arange(k) + i * width_k for i, k in enumerate(cluster_list)]).to(device)
     centre_global = (frame_index.unsqueeze(-1) * num_tokens + local.gather(1, centres)).flatten()[pick]
     return means.reshape(-1, dim)[pick], centre_global

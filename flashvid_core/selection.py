@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._transfer import int_tensors
 from .config import TOKEN_SELECTION_METHODS
 
 # The official code scales the attention statistic by 1e6 "to avoid numerical issues"; it changes the products.
@@ -38,11 +39,11 @@ def event_relevance(features: Tensor, segment_lengths: Tensor | list[int] | None
     if segment_lengths is None:
         segment_mean = frame_means.mean(dim=0, keepdim=True).expand(num_frames, -1)
     else:
-        lengths = torch.as_tensor(segment_lengths, dtype=torch.long, device=features.device)
-        segment_ids = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=features.device), lengths, output_size=num_frames
-        )
-        sums = torch.zeros(lengths.numel(), frame_means.shape[1], dtype=torch.float32, device=features.device)
+        host_lengths = [int(v) for v in (segment_lengths.tolist() if isinstance(segment_lengths, Tensor)
+                                             else segment_lengths)]
+        ids = [segment for segment, length in enumerate(host_lengths) for _ in range(length)]
+        segment_ids, lengths = int_tensors(features.device, ids, host_lengths)
+        sums = torch.zeros(len(host_lengths), frame_means.shape[1], dtype=torch.float32, device=features.device)
         sums.index_add_(0, segment_ids, frame_means)
         means = sums / lengths.clamp_min(1).unsqueeze(-1).to(torch.float32)
         segment_mean = means[segment_ids]
