@@ -41,7 +41,7 @@ def loaded(tiny_checkpoint):
     return load
 
 
-def video_inputs(processor, family: str, frames: int = 8, batch: int = 1, seed: int = 0, image: bool = False):
+def video_inputs(processor, family: str, frames: int = 4, batch: int = 1, seed: int = 0, image: bool = False):
     rng = np.random.default_rng(seed)
     size = FRAME_SIZE[family]
     videos = [(rng.random((frames, size, size, 3)) * 255).astype(np.uint8) for _ in range(batch)]
@@ -151,6 +151,7 @@ def test_language_model_receives_exactly_the_compressed_tokens(loaded, family, i
         assert received["deepstack_visual_embeds"][0].shape[0] == expected.indices.numel()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_generation_equals_full_forwards_of_the_compressed_sequence(loaded, family, implementation):
@@ -190,6 +191,7 @@ def test_cached_generation_equals_full_forwards_of_the_compressed_sequence(loade
             extra["visual_pos_masks"] = torch.cat([extra["visual_pos_masks"], torch.zeros(1, 1, dtype=torch.bool)], 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruning_at_layer_k_shortens_sequence_and_cache_and_eager_equals_sdpa(loaded, family):
     tokens, scores = {}, {}
@@ -307,6 +309,7 @@ def test_qwen3_deepstack_after_the_pruning_layer_is_gathered(loaded, tiny_checkp
     assert bool((matches[1:] >= matches[:-1]).all())  # a duplicated global index repeats its row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_without_cache_recompresses_and_agrees(loaded, family):
     model, processor = loaded(family)
