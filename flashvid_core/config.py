@@ -44,6 +44,10 @@ class FlashVIDConfig:
             merging at all; None = unlimited, the official behaviour). Paper Table 11.
         tstm_max_breadth: maximum number of children a TSTM node accepts; the most similar ones are kept, the
             others become roots (None = unlimited, official). Paper Table 12.
+        tstm_spatial_window: a token's parent candidates are limited to a window x window neighbourhood of its
+            position in the previous frame (odd >= 1; the frame must be a square grid; None = the whole frame,
+            official). The paper's Table 12 calls its breadth constraint a spatial neighbourhood (1 = same
+            position only); tstm_max_breadth is the children-count reading of the same ablation.
         tstm_true_mean: a TSTM root becomes the mean of its whole tree. The official code divides the tree's
             sum by 1 + (number of direct children), so a chain z -> x -> y gives (x + y + z) / 2.
         adts_forbid_repick: make attn_div_v2 unable to pick a token twice (the official v2 can).
@@ -62,6 +66,7 @@ class FlashVIDConfig:
     llm_retention_ratio: float = 0.3
     tstm_max_depth: int | None = None
     tstm_max_breadth: int | None = None
+    tstm_spatial_window: int | None = None
     tstm_true_mean: bool = False
     adts_forbid_repick: bool = False
 
@@ -69,7 +74,7 @@ class FlashVIDConfig:
         "retention_ratio", "alpha", "temporal_threshold", "segment_threshold", "expansion", "llm_retention_ratio",
     )
     _INT_FIELDS: ClassVar[tuple[str, ...]] = ("min_segment_num", "pruning_layer")
-    _OPTIONAL_INT_FIELDS: ClassVar[tuple[str, ...]] = ("tstm_max_depth", "tstm_max_breadth")
+    _OPTIONAL_INT_FIELDS: ClassVar[tuple[str, ...]] = ("tstm_max_depth", "tstm_max_breadth", "tstm_spatial_window")
     _BOOL_FIELDS: ClassVar[tuple[str, ...]] = (
         "do_segment", "complementary_segment", "tstm_true_mean", "adts_forbid_repick",
     )
@@ -101,6 +106,10 @@ class FlashVIDConfig:
                 interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
                 raise ValueError(f"{name}={value!r} is out of range: allowed {interval}")
 
+        if self.tstm_spatial_window is not None and self.tstm_spatial_window % 2 == 0:
+            raise ValueError(
+                f"tstm_spatial_window={self.tstm_spatial_window!r} is invalid: expected None or an odd integer >= 1"
+            )
         check_range("retention_ratio", 0.0, 1.0, low_open=True)
         check_range("alpha", 0.0, 1.0)
         check_range("temporal_threshold", -1.0, 1.0)

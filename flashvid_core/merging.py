@@ -37,12 +37,31 @@ def frame_layout(segment_lengths: list[int], device: torch.device) -> tuple[Tens
     return ids, start.bool(), frame_len, lengths
 
 
-def temporal_parents(features: Tensor, selected: Tensor, segment_starts: Tensor) -> tuple[Tensor, Tensor]:
+def spatial_window_mask(num_tokens: int, window: int, device: torch.device) -> Tensor:
+    """(N, N) bool: [n, m] True when token m lies in the window x window neighbourhood of token n on a square
+    grid of N = side * side tokens (raster order)."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"tstm_spatial_window needs a square token grid, but a frame has {num_tokens} tokens (not a square)"
+        )
+    rows = torch.arange(num_tokens, device=device) // side
+    cols = torch.arange(num_tokens, device=device) % side
+    radius = window // 2
+    near_rows = (rows.unsqueeze(1) - rows.unsqueeze(0)).abs() <= radius
+    near_cols = (cols.unsqueeze(1) - cols.unsqueeze(0)).abs() <= radius
+    return near_rows & near_cols
+
+
+def temporal_parents(
+    features: Tensor, selected: Tensor, segment_starts: Tensor, spatial_window: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Each token's most similar token in the previous frame, and that similarity, in the input dtype.
 
     features: (F, N, D); selected: (F, N) bool, ADTS-selected tokens (excluded on both sides: similarity -1);
     segment_starts: (F,) bool. Returns max_sim (F, N) (-1 on the first frame of each segment) and parent (F, N)
     int64, the parent's within-frame index (0 where max_sim is -1 on a segment's first frame).
+    spatial_window: opt-in, parents only within that neighbourhood (see spatial_window_mask); None = anywhere.
     """
     num_frames, num_tokens, _ = features.shape
     max_sim = torch.full((num_frames, num_tokens), -1.0, dtype=features.dtype, device=features.device)
@@ -52,6 +71,8 @@ def temporal_parents(features: Tensor, selected: Tensor, segment_starts: Tensor)
     normed = features / features.norm(p=2, dim=-1, keepdim=True)
     similarity = torch.bmm(normed[1:], normed[:-1].transpose(-1, -2))  # [t-1, n, m]: token n of t vs m of t-1
     excluded = selected[1:].unsqueeze(-1) | selected[:-1].unsqueeze(1)
+    if spatial_window is not None:
+        excluded = excluded | ~spatial_window_mask(num_tokens, spatial_window, features.device)
     similarity = similarity.masked_fill(excluded, -1.0)
     best, best_index = similarity.max(dim=-1)
     first = segment_starts[1:].unsqueeze(-1)
@@ -176,6 +197,7 @@ def spatiotemporal_merge(
     max_breadth: int | None = None,
     true_mean: bool = False,
     features_float32: Tensor | None = None,
+    spatial_window: int | None = None,
 ) -> TreeMerge:
     """TSTM over all segments of a video at once.
 
@@ -188,7 +210,7 @@ def spatiotemporal_merge(
     num_frames, num_tokens, dim = features.shape
     device = features.device
     layout = frame_layout(segment_lengths, device)
-    max_sim, parent = temporal_parents(features, selected, layout[1])
+    max_sim, parent = temporal_parents(features, selected, layout[1], spatial_window)
     merged, floor_used = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor, layout)
     if max_breadth is not None:
         merged = limit_breadth(merged, parent, max_sim, max_breadth)

@@ -271,6 +271,7 @@ def _contextual_tokens(
             budget,
             max_depth=config.tstm_max_depth,
             max_breadth=config.tstm_max_breadth,
+            spatial_window=config.tstm_spatial_window,
             true_mean=config.tstm_true_mean,
             features_float32=features_float32,
         )

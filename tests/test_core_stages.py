@@ -153,6 +153,28 @@ def test_max_breadth_option():
     assert two.merged[1].tolist() == [False, True, True]
 
 
+def test_spatial_window_option():
+    # 3 x 3 grid; frame 1's token 8 (bottom right) resembles frame 0's token 0 (top left) only.
+    generator = torch.Generator().manual_seed(0)
+    frame0 = torch.randn(9, 16, generator=generator)
+    frame1 = torch.randn(9, 16, generator=generator)
+    frame1[8] = frame0[0] + 0.01 * torch.randn(16, generator=generator)
+    features = torch.stack([frame0, frame1])
+    none = torch.zeros(2, 9, dtype=torch.bool)
+    anywhere = fc.spatiotemporal_merge(features, none, [2], 0.9, 0)
+    assert anywhere.merged[1, 8]
+    for window in (1, 3):
+        near = fc.spatiotemporal_merge(features, none, [2], 0.9, 0, spatial_window=window)
+        assert not near.merged[1, 8]
+    assert fc.spatiotemporal_merge(features, none, [2], 0.9, 0, spatial_window=5).merged[1, 8]
+    mask = fc.merging.spatial_window_mask(9, 1, torch.device("cpu"))
+    assert torch.equal(mask, torch.eye(9, dtype=torch.bool))  # window 1: the same position only
+    with pytest.raises(ValueError, match="square token grid"):
+        fc.merging.spatial_window_mask(10, 3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="odd"):
+        fc.FlashVIDConfig(tstm_spatial_window=4)
+
+
 def test_variants_reach_compress_through_the_config():
     generator = torch.Generator().manual_seed(5)
     features = torch.randn(8, 49, 16, generator=generator)  # unrelated frames: random parents, many children
@@ -160,7 +182,8 @@ def test_variants_reach_compress_through_the_config():
     base = fc.FlashVIDConfig(do_segment=False, alpha=0.3, temporal_threshold=0.0)
     torch.manual_seed(0)
     official = fc.compress(features, attention, base)
-    for change in ({"tstm_max_depth": 1}, {"tstm_max_breadth": 1}, {"tstm_true_mean": True}):
+    for change in ({"tstm_max_depth": 1}, {"tstm_max_breadth": 1}, {"tstm_true_mean": True},
+                   {"tstm_spatial_window": 3}):
         torch.manual_seed(0)
         variant = fc.compress(features, attention, base.replace(**change))
         assert variant.num_tokens >= base.token_budget(49) * 8
