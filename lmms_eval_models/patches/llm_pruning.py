@@ -260,6 +260,11 @@ class LLMPruner:
             args, kwargs = self._gather_hidden_states(args, kwargs, keep)
             cache = kwargs.get("past_key_values")
             if cache is not None:
+                if getattr(cache, "is_compileable", False):  # static caches size every layer's mask alike
+                    raise ValueError(
+                        f"inner-LLM pruning needs a dynamic KV cache (layers keep different lengths); got "
+                        f"{type(cache).__name__}. Use the default cache or set pruning_layer beyond the last layer"
+                    )
                 self._caches[cache] = _PrunedCache(keep_positions=keep, prefill_length=attention.shape[0])
         if result.keep_positions is None:
             return None
