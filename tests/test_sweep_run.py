@@ -137,3 +137,27 @@ def test_slurm_launcher_through_submitit_local_executor(tmp_path: Path) -> None:
     # Rerunning submits nothing: the run is finished.
     again = subprocess.run(sweep_command(sweep_file, "--no-report"), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0 and "1 already finished, 0 to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_run_whose_lmms_eval_fails_but_exits_0_is_not_published(tmp_path: Path) -> None:
+    """lmms-eval logs a task error and exits 0: the sweep notices the missing results, keeps the attempt aside
+    for its log, publishes nothing and exits 1; a rerun tries again."""
+    sweep_file = tmp_path / "broken.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "broken",
+        "model": "dummy",
+        "tasks": ["videomme_sweepbroken"],
+        "include_path": [str(Path(__file__).parent / "data" / "sweep_task_broken")],
+        "points": [{"name": "answer-A", "response": "A"}],
+        "output_root": str(tmp_path / "runs"),
+    }))
+    result = subprocess.run(sweep_command(sweep_file), cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "1 failed" in result.stdout and "rerun the same command to resume" in result.stdout
+    assert "expected one lmms-eval results file, found 0" in result.stderr
+    sweep = load_sweep(sweep_file)
+    run_id = sweep.runs[0].run_id
+    assert not store.is_finished(sweep.sweep_dir(), run_id)
+    assert "videomme_process_results_that_does_not_exist" in (
+        store.failed_dir(sweep.sweep_dir(), run_id) / store.LOG_FILE).read_text()

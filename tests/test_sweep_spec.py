@@ -80,6 +80,7 @@ def test_run_ids_are_deterministic_and_follow_settings_only() -> None:
         ({"model_args": {"response": None}}, "model_args.response"),
         ({"points": [{"response": "B"}]}, "grid"),  # the same settings as a grid run
         ({"limit": 0}, "limit"),
+        ({"include_path": ["a", "b"]}, "include_path"),
         ({"seed": -1}, "seed"),
         ({"paper": {"table": "table1_llava_onevision", "rows": 1}}, "paper.rows"),
         ({"points": [{"response": "D", "models": ["nope"]}]}, "points[0].models"),

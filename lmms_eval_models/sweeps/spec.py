@@ -432,6 +432,10 @@ def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
         raise SweepError("tasks", "is required")
     tasks = _string_list(raw["tasks"], "tasks")
     include_path = _string_list(raw.get("include_path", []), "include_path", allow_empty=True)
+    if len(include_path) > 1:
+        # lmms-eval 0.7.3's CLI keeps only the last --include_path; it searches that folder recursively.
+        raise SweepError("include_path", "lmms-eval takes one --include_path folder (searched recursively): "
+                                         "give one folder holding all the task YAMLs")
     seed = _require_int(raw.get("seed", 0), "seed", 0)
     batch_size = _require_int(raw.get("batch_size", 1), "batch_size", 1)
     gen_kwargs = raw.get("gen_kwargs")
