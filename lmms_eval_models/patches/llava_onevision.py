@@ -89,8 +89,20 @@ class _DecodeMap:
     def shift(self) -> int:
         return self.original_run - self.video_len
 
-    def continues(self, past_key_values: Any) -> bool:
-        return past_key_values is not None and self.cache() is past_key_values
+    def continues(self, arguments: dict[str, Any]) -> bool:
+        """Whether a call continues that cache, in the original prompt's coordinates."""
+        cache = arguments.get("past_key_values")
+        if cache is None or self.cache() is not cache:
+            return False
+        # A reused cache object (reset or cropped for another prompt) must not be translated: where the call
+        # says how long the sequence is, it must be the cached one (layer 0 is never pruned) plus the shift.
+        mask = arguments.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            inputs = arguments.get("input_ids")
+            if inputs is None:
+                inputs = arguments.get("inputs_embeds")
+            return inputs is None or mask.shape[1] - inputs.shape[1] == cache.get_seq_length() + self.shift
+        return True
 
 
 @dataclass
@@ -190,10 +202,9 @@ def _flashvid_model_class(original: type) -> type:
         if arguments.get("pixel_values_videos") is not None:
             return _video_prefill(self, patch, stock_forward, arguments)
         decode = patch.decode
-        if decode is not None and decode.continues(arguments.get("past_key_values")):
+        if decode is not None and decode.continues(arguments):
             return stock_forward(self, **_translate_decode(decode, arguments))
-        patch.decode = None  # a new sequence without video: nothing to translate any more
-        return stock_forward(self, **arguments)
+        return stock_forward(self, **arguments)  # text, images, or another sequence: stock
 
     # transformers 5 `generate` pre-encodes images and videos (mm_encoder_outputs) when forward accepts them,
     # through the stock get_video_features, which cannot give FlashVID its attention statistic. Hiding that
