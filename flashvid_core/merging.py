@@ -54,7 +54,11 @@ def spatial_window_mask(num_tokens: int, window: int, device: torch.device) -> T
 
 
 def temporal_parents(
-    features: Tensor, selected: Tensor, segment_starts: Tensor, spatial_window: int | None = None
+    features: Tensor,
+    selected: Tensor,
+    segment_starts: Tensor,
+    spatial_window: int | None = None,
+    normalized: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each token's most similar token in the previous frame, and that similarity, in the input dtype.
 
@@ -62,13 +66,14 @@ def temporal_parents(
     segment_starts: (F,) bool. Returns max_sim (F, N) (-1 on the first frame of each segment) and parent (F, N)
     int64, the parent's within-frame index (0 where max_sim is -1 on a segment's first frame).
     spatial_window: opt-in, parents only within that neighbourhood (see spatial_window_mask); None = anywhere.
+    normalized: optional precomputed features / their L2 norm in the input dtype.
     """
     num_frames, num_tokens, _ = features.shape
     max_sim = torch.full((num_frames, num_tokens), -1.0, dtype=features.dtype, device=features.device)
     parent = torch.zeros(num_frames, num_tokens, dtype=torch.long, device=features.device)
     if num_frames < 2:
         return max_sim, parent
-    normed = features / features.norm(p=2, dim=-1, keepdim=True)
+    normed = normalized if normalized is not None else features / features.norm(p=2, dim=-1, keepdim=True)
     similarity = torch.bmm(normed[1:], normed[:-1].transpose(-1, -2))  # [t-1, n, m]: token n of t vs m of t-1
     excluded = selected[1:].unsqueeze(-1) | selected[:-1].unsqueeze(1)
     if spatial_window is not None:
@@ -198,6 +203,8 @@ def spatiotemporal_merge(
     true_mean: bool = False,
     features_float32: Tensor | None = None,
     spatial_window: int | None = None,
+    normalized: Tensor | None = None,
+    reuse_features_float32: bool = False,
 ) -> TreeMerge:
     """TSTM over all segments of a video at once.
 
@@ -205,21 +212,34 @@ def spatiotemporal_merge(
     segment_lengths: host-side lengths summing to F; kept_per_frame_floor: the per-frame budget (see
     merge_decisions). Similarities use the input dtype; sums and divisions float32 (the official code rounds to
     the input dtype after each frame step: identical for float32 inputs, within rounding for bf16/fp16).
-    features_float32: optional float32 copy of features that the caller already holds (saves a conversion).
+    features_float32: optional float32 copy of features that the caller already holds (saves a conversion);
+    reuse_features_float32: that copy is the caller's scratch and may be overwritten (saves another copy).
+    normalized: optional precomputed features / their L2 norm in the input dtype.
     """
     num_frames, num_tokens, dim = features.shape
     device = features.device
     layout = frame_layout(segment_lengths, device)
-    max_sim, parent = temporal_parents(features, selected, layout[1], spatial_window)
+    max_sim, parent = temporal_parents(features, selected, layout[1], spatial_window, normalized)
     merged, floor_used = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor, layout)
     if max_breadth is not None:
         merged = limit_breadth(merged, parent, max_sim, max_breadth)
     if max_depth is not None:
         merged = limit_depth(merged, parent, max_depth)
     roots_of = tree_roots(merged, parent, max(segment_lengths, default=1))
-    source = features_float32 if features_float32 is not None else features.float()
-    flat = source.reshape(num_frames * num_tokens, dim)
-    sums = torch.zeros_like(flat).index_add_(0, roots_of, flat)
+    if features_float32 is not None:
+        flat = features_float32.reshape(num_frames * num_tokens, dim)
+        reusable = reuse_features_float32
+    else:
+        flat = features.float().reshape(num_frames * num_tokens, dim)
+        reusable = features.dtype != torch.float32  # .float() made a fresh copy
+    if flat.is_cuda:
+        # One index_add over all tokens (each root adds itself): no host sync for the merged tokens' positions.
+        sums = torch.zeros_like(flat).index_add_(0, roots_of, flat)
+    else:
+        # Roots start from their own value; only the merged tokens are added (no zero fill, fewer adds).
+        merged_index = torch.nonzero(merged.flatten()).flatten()
+        sums = flat if reusable else flat.clone()
+        sums.index_add_(0, roots_of[merged_index], flat[merged_index])
     if true_mean:
         counts = torch.bincount(roots_of, minlength=num_frames * num_tokens).to(torch.float32)
     else:

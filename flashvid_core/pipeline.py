@@ -201,8 +201,12 @@ def _compress(
     selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
-    # One float32 copy serves selection distances and TSTM sums (a no-op for float32 inputs).
+    # One float32 copy serves selection distances and TSTM sums (a no-op for float32 inputs); for float32 inputs
+    # selection and TSTM normalise identically, so the unit-norm features are computed once.
     features_float32 = features.float()
+    normalized = None
+    if features.dtype == torch.float32 and num_selected > 0 and num_merged > 0 and max(segment_lengths) > 1:
+        normalized = features / features.norm(p=2, dim=-1, keepdim=True)
     if num_selected > 0:
         keep = select_tokens(
             features_float32,
@@ -211,6 +215,7 @@ def _compress(
             config.token_selection_method,
             segment_lengths,
             forbid_repick=True if config.adts_forbid_repick else None,
+            normalized=normalized,
         )  # (F, K)
         selected[frame_arange.unsqueeze(-1), keep] = True
         pieces_tokens.append(features[frame_arange.unsqueeze(-1), keep].reshape(-1, dim))
@@ -219,7 +224,8 @@ def _compress(
     segment_num_tokens = [num_selected * length for length in segment_lengths]
     if num_merged > 0:
         cluster_tokens, cluster_indices, per_segment = _contextual_tokens(
-            features, features_float32, selected, segment_lengths, config, budget, num_merged, generator, dpc_noise
+            features, features_float32, normalized, selected, segment_lengths, config, budget, num_merged,
+            generator, dpc_noise,
         )
         pieces_tokens.extend(cluster_tokens)
         pieces_indices.extend(cluster_indices)
@@ -248,6 +254,7 @@ def _compress(
 def _contextual_tokens(
     features: Tensor,
     features_float32: Tensor,
+    normalized: Tensor | None,
     selected: Tensor,
     segment_lengths: list[int],
     config: FlashVIDConfig,
@@ -274,6 +281,9 @@ def _contextual_tokens(
             spatial_window=config.tstm_spatial_window,
             true_mean=config.tstm_true_mean,
             features_float32=features_float32,
+            normalized=normalized,
+            # The float32 copy is ours (not the caller's features) and selection is done with it.
+            reuse_features_float32=features.dtype != torch.float32,
         )
         passed = torch.where(single_frame.unsqueeze(-1), True, ~tree.merged & ~selected)
         values = _RootValues(tree.sums, tree.counts, dtype)

@@ -16,14 +16,16 @@ from .config import TOKEN_SELECTION_METHODS
 ATTENTION_SCALE = 1e6
 
 
-def cosine_distances(features: Tensor) -> Tensor:
+def cosine_distances(features: Tensor, normalized: Tensor | None = None) -> Tensor:
     """1 - cosine similarity between the tokens of each frame, in float32.
 
-    features: (B, N, D) any float dtype. Returns (B, N, N) float32.
+    features: (B, N, D) any float dtype. normalized: optional float32 features / their L2 norm, if the caller
+    already has it (the same value this function would compute). Returns (B, N, N) float32.
     """
-    features = features.float()
-    normed = features / features.norm(p=2, dim=-1, keepdim=True)
-    return 1.0 - torch.bmm(normed, normed.transpose(-1, -2))
+    if normalized is None:
+        features = features.float()
+        normalized = features / features.norm(p=2, dim=-1, keepdim=True)
+    return 1.0 - torch.bmm(normalized, normalized.transpose(-1, -2))
 
 
 def event_relevance(features: Tensor, segment_lengths: Tensor | list[int] | None = None) -> Tensor:
@@ -55,6 +57,7 @@ def calibrated_distances(
     attention: Tensor | None,
     method: str,
     segment_lengths: Tensor | list[int] | None = None,
+    normalized: Tensor | None = None,
 ) -> Tensor:
     """The distance matrix that the greedy selection maximises the minimum of, in float32.
 
@@ -63,7 +66,7 @@ def calibrated_distances(
     div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation).
     """
     features = features.float()  # once: both terms below work in float32
-    distances = cosine_distances(features)
+    distances = cosine_distances(features, normalized)
     if method in ("attn_div", "attn_div_v2"):
         if attention is None:
             raise ValueError(f"token_selection_method={method!r} needs the attention statistic")
@@ -166,12 +169,14 @@ def select_tokens(
     method: str,
     segment_lengths: Tensor | list[int] | None = None,
     forbid_repick: bool | None = None,
+    normalized: Tensor | None = None,
 ) -> Tensor:
     """Per-frame token selection. Returns keep indices (B, num_tokens) int64, ascending within each frame.
 
     features: (B, N, D); attention: (B, N) (ignored by div and div_er); segment_lengths: the frames' segments,
     used by attn_div_v2 and div_er for event relevance (None: all B frames form one segment).
     forbid_repick: None = the official behaviour of each method (only attn_div_v2 may pick a token twice).
+    normalized: optional precomputed float32 unit-norm features (see cosine_distances).
     """
     if method not in TOKEN_SELECTION_METHODS:
         raise ValueError(f"token_selection_method={method!r} is invalid: allowed {', '.join(TOKEN_SELECTION_METHODS)}")
@@ -186,7 +191,7 @@ def select_tokens(
         return torch.topk(attention, k=num_tokens, dim=-1).indices.sort(dim=-1).values
     if forbid_repick is None:
         forbid_repick = method != "attn_div_v2"
-    distances = calibrated_distances(features, attention, method, segment_lengths)
+    distances = calibrated_distances(features, attention, method, segment_lengths, normalized)
     # div_er is not in the official code: its distances can be far below -1 (negative event relevance), so picked
     # columns get -inf there; the official methods keep their -1.
     picked_value = float("-inf") if method == "div_er" or (forbid_repick and method == "attn_div_v2") else -1.0
