@@ -155,9 +155,8 @@ def test_bad_layout_is_refused(checkpoint: Callable[[str], Path]) -> None:
 
 
 def test_last_used_vision_layer() -> None:
-    assert (
-        last_used_vision_layer(-1, 26) == 25
-    )  # LLaVA-OneVision-7B: 26 SigLIP layers, vision_feature_layer -1
+    # LLaVA-OneVision-7B: 26 SigLIP layers, vision_feature_layer -1
+    assert last_used_vision_layer(-1, 26) == 25
     assert last_used_vision_layer(-2, 27) == 25
     assert last_used_vision_layer([-5, -2], 26) == 24
     assert last_used_vision_layer(3, 26) == 2
