@@ -116,9 +116,40 @@ def build_inputs(frames: int, side: int, device: str = "cuda") -> dict:
     return inputs
 
 
-def timed(function, repeats: int = 3) -> tuple[float, object]:
-    result = function()  # warm-up
+class StageTimer:
+    """CUDA-synchronised wall time of one module's forward calls (forward pre/post hooks)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.total_ms = 0.0
+        self.calls = 0
+        self._started = 0.0
+        self._handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, *args) -> None:
+        torch.cuda.synchronize()
+        self._started = time.perf_counter()
+
+    def _stop(self, *args) -> None:
+        torch.cuda.synchronize()
+        self.total_ms += (time.perf_counter() - self._started) * 1000.0
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.total_ms, self.calls = 0.0, 0
+
+    def mean_ms(self) -> float:
+        return self.total_ms / max(self.calls, 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def timed(function, timers: tuple[StageTimer, ...] = (), repeats: int = 3) -> tuple[float, object]:
+    result = function()  # warm-up, not counted
     torch.cuda.synchronize()
+    for timer in timers:
+        timer.reset()
     started = time.perf_counter()
     for _ in range(repeats):
         result = function()
@@ -149,23 +180,32 @@ def main() -> None:
     inputs = build_inputs(args.frames, args.side)
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens, video grid {inputs['video_grid_thw'].tolist()}")
 
+    vision, language = StageTimer(model.model.visual), StageTimer(model.model.language_model)
     with torch.no_grad():
-        stock_ms, stock = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
-        print(f"stock prefill: {stock_ms:.1f} ms, finite logits: {bool(torch.isfinite(stock.logits).all())}")
+        stock_ms, stock = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), (vision, language))
+        print(f"stock forward: {stock_ms:.1f} ms (vision {vision.mean_ms():.1f} ms, LLM {language.mean_ms():.1f} ms), "
+              f"finite logits: {bool(torch.isfinite(stock.logits).all())}")  # fmt: skip
+        stock_llm_ms = language.mean_ms()
 
         config = FlashVIDConfig(token_selection_method="attn_div", min_segment_num=4)  # the official Qwen script
         apply_flashvid(model, config)
-        flash_ms, flash = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        flash_ms, flash = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), (vision, language))
         stats = model.flashvid_stats
         cache = flash.past_key_values
         lengths = sorted({cache.get_seq_length(i) for i in range(TEXT["num_hidden_layers"])})
-        print(f"FlashVID prefill: {flash_ms:.1f} ms ({stock_ms / flash_ms:.2f}x faster than stock), {stats}")
+        print(f"FlashVID forward: {flash_ms:.1f} ms (vision {vision.mean_ms():.1f} ms incl. the statistic, "
+              f"compression {stats.compression_ms:.1f} ms, LLM {language.mean_ms():.1f} ms), {stats}")
+        prefill_ms = stats.compression_ms + language.mean_ms()
+        print(f"prefill (compression + LLM) {prefill_ms:.1f} ms vs stock LLM {stock_llm_ms:.1f} ms: "
+              f"{stock_llm_ms / prefill_ms:.2f}x; whole forward {stock_ms / flash_ms:.2f}x")  # fmt: skip
         print(f"KV cache lengths per layer (below / from K={config.pruning_layer}): {lengths}")
         assert bool(torch.isfinite(flash.logits).all()), "non-finite logits"
 
         generated = model.generate(**inputs, max_new_tokens=args.decode_steps, do_sample=False)
         print(f"greedy decoding after a FlashVID prefill: {generated[0, inputs['input_ids'].shape[1]:].tolist()}")
         remove_flashvid(model)
+    vision.remove()
+    language.remove()
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
