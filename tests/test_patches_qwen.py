@@ -339,3 +339,44 @@ def test_qwen3_official_delimiter_dropping_is_opt_in(loaded):
     assert logits(model, inputs).shape[1] == kept - delimiters
     with pytest.raises(ValueError, match="drop_vision_delimiters"):
         apply_flashvid(model, COMPRESS, drop_vision_delimiters="yes")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_statistic_equals_eager_probabilities_of_the_last_vision_block(loaded, family, monkeypatch):
+    import importlib
+
+    from lmms_eval_models.patches import qwen2_5_vl, qwen3_vl
+
+    model, processor = loaded(family, "eager")
+    inputs = video_inputs(processor, family)
+    apply_flashvid(model, COMPRESS)
+    visual = model.model.visual
+    modeling = importlib.import_module(type(visual.blocks[-1].attn).__module__)
+    recorded: list[torch.Tensor] = []
+    stock_eager = modeling.eager_attention_forward
+
+    def recording_eager(module, *args, **kwargs):
+        output, weights = stock_eager(module, *args, **kwargs)
+        if module is visual.blocks[-1].attn:
+            recorded.append(weights)  # (1, heads, chunk, chunk) per temporal patch group
+        return output, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording_eager)
+    merged: list[torch.Tensor] = []
+    handle = visual.merger.register_forward_hook(lambda module, args, output: merged.append(output))
+    ((features, attention),) = video_compression_inputs(model, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    handle.remove()
+    assert len(recorded) == int(inputs["video_grid_thw"][0, 0])  # only the last block, one chunk per group
+    per_patch = torch.cat([weights.mean(dim=1).mean(dim=1).flatten() for weights in recorded])
+    family_module = qwen2_5_vl if family == "qwen2_5_vl" else qwen3_vl
+    expected = family_module.attention_to_raster(model.model, per_patch, inputs["video_grid_thw"])
+    torch.testing.assert_close(attention.flatten(), expected, atol=1e-6, rtol=1e-5)
+    # the statistic's order is the features' order: the merger's (encoder-order) rows, put back as the model does
+    order = (
+        torch.argsort(qwen2_5_vl._window_index(visual, inputs["video_grid_thw"]))
+        if family == "qwen2_5_vl"
+        else torch.arange(features.shape[0] * features.shape[1])
+    )
+    assert torch.equal(features.flatten(0, 1), merged[0][order])
+    frame_sums = attention.sum(dim=-1)  # each group's patch statistics sum to 1; merge-unit means to 1/4
+    torch.testing.assert_close(frame_sums, torch.full_like(frame_sums, 0.25), atol=1e-5, rtol=0)
