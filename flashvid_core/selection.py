@@ -150,7 +150,7 @@ def _greedy_cuda_graph(distances: Tensor, num_tokens: int, forbid_repick: bool, 
             _greedy(static_input, num_tokens, forbid_repick, picked_value)  # warm-up outside the capture
         torch.cuda.current_stream(distances.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_output = _greedy(static_input, num_tokens, forbid_repick, picked_value)
         entry = (graph, static_input, static_output)
         while len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
