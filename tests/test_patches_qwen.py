@@ -256,6 +256,8 @@ def test_batch_with_video_is_refused_before_model_work(loaded, family):
     handle = model.model.visual.register_forward_pre_hook(lambda *args: vision_calls.append(1))
     with pytest.raises(ValueError, match="batch size 1"):
         logits(model, inputs)
+    with pytest.raises(ValueError, match="batch size 1"):  # 5.x generate encodes the videos before the forward
+        model.generate(**inputs, max_new_tokens=2)
     handle.remove()
     assert vision_calls == []
 

@@ -259,9 +259,10 @@ def _make_subclass(original: type) -> type:
         # also called on its own by 5.x `generate` before the prefill (`mm_encoder_outputs`): the statistic is
         # computed here and handed to the forward that receives these features
         state: QwenPatchState = getattr(self, _STATE_ATTR)
+        grid_thw = _bind(original.get_video_features, self, args, kwargs)["video_grid_thw"]
+        _check_one_video(grid_thw)  # before any vision work (5.x generate encodes a batch's videos first)
         with state.vision_hook.capture() as captured:
             output = original.get_video_features(self, *args, **kwargs)
-        grid_thw = _bind(original.get_video_features, self, args, kwargs)["video_grid_thw"]
         if len(captured) != 1:
             raise RuntimeError(f"expected one pass through the last vision block, saw {len(captured)}")
         first = _features(output)[0][0]
@@ -381,15 +382,24 @@ def _rope_index(inner: nn.Module, call: dict[str, Any]) -> tuple[torch.Tensor, t
     return inner.get_rope_index(input_ids, **kwargs)
 
 
+def _check_one_video(grid_thw: torch.Tensor | None) -> None:
+    if grid_thw is not None and grid_thw.shape[0] != 1:
+        raise ValueError(
+            f"FlashVID compresses one video per call (batch size 1, as the official code); got {grid_thw.shape[0]} "
+            "videos. Call the model once per sample, or remove_flashvid(model) to run the stock model"
+        )
+
+
 def _check_prefill_call(call: dict[str, Any]) -> None:
     input_ids = call.get("input_ids")
     if input_ids is None:
         raise ValueError("FlashVID needs input_ids (the video placeholders locate the video); got inputs_embeds only")
     if input_ids.shape[0] != 1:
         raise ValueError(
-            f"FlashVID supports one video prompt per call (batch size 1, as the official code); got a batch of "
+            f"FlashVID compresses one video per call (batch size 1, as the official code); got a batch of "
             f"{input_ids.shape[0]}. Call the model once per sample"
         )
+    _check_one_video(call.get("video_grid_thw"))
     cache = call.get("past_key_values")
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("FlashVID compresses a video in a prefill from an empty KV cache; got a non-empty cache")

@@ -14,8 +14,10 @@ Attention statistic: the last vision block (a full-attention block in the releas
 temporal patch group), attention received per patch averaged over heads and queries, averaged over each 2x2 merge
 unit in the encoder's window order, then put back into raster order: (F = temporal groups, N = h*w/4).
 
-After a call with a video, `model.flashvid_stats` holds a `FlashVIDStats`. Batch size 1 per video prompt; a batch
-with video is refused with a ValueError before any model work. Calls without video run the stock model.
+After a call with a video, `model.flashvid_stats` holds a `FlashVIDStats` (the config is never written). One video
+per call (batch size 1, as the official code): a batch with video, or several videos in one prompt, is refused with
+a ValueError before any model work, also inside 5.x `generate` (which encodes the videos before the forward).
+Calls without video (text, images) run the stock model; decoding continues the original (uncompressed) positions.
 """
 
 from __future__ import annotations
