@@ -296,9 +296,11 @@ def _contextual_tokens(
 
     ratios, clusters = _cluster_counts(num_merged, segment_lengths, passed_counts)
     frame_ratio = [ratio for ratio, length in zip(ratios, segment_lengths) for _ in range(length)]
-    dpc_frames = [f for f in range(num_frames) if clusters[f] > 0 and frame_ratio[f] < 1.0]
-    pass_frames = [f for f in range(num_frames) if not (clusters[f] > 0 and frame_ratio[f] < 1.0)]
-    per_frame_out = [clusters[f] if f in set(dpc_frames) else passed_counts[f] for f in range(num_frames)]
+    # Official rule: cluster a frame when it gets clusters and the ratio is below 1; else pass its tokens on.
+    clustered = [clusters[f] > 0 and frame_ratio[f] < 1.0 for f in range(num_frames)]
+    dpc_frames = [f for f in range(num_frames) if clustered[f]]
+    pass_frames = [f for f in range(num_frames) if not clustered[f]]
+    per_frame_out = [clusters[f] if clustered[f] else passed_counts[f] for f in range(num_frames)]
 
     # Tie-breaker draws in call order (segment order, then frame order = frame order).
     draw_sizes = [passed_counts[f] for f in dpc_frames]
@@ -310,7 +312,11 @@ def _contextual_tokens(
             )
     else:
         noise_flat = draw_density_noise(draw_sizes, device, generator)
-    noise_offset = dict(zip(dpc_frames, [sum(draw_sizes[:i]) for i in range(len(draw_sizes))]))
+    noise_offset: dict[int, int] = {}
+    running = 0
+    for frame, size in zip(dpc_frames, draw_sizes):
+        noise_offset[frame] = running
+        running += size
 
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
