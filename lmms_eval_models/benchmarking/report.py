@@ -183,7 +183,7 @@ def checks(result: BenchResult) -> list[str]:
         verdict = "within one layer's work" if overhead <= budget else "MORE than one layer's work"
         lines.append(
             f"{tag}: vision {row.vision_ms:.1f} ms vs vanilla {vanilla.vision_ms:.1f} ms (+{overhead:.1f} ms; one "
-            f"vision layer ≈ {budget:.1f} ms): {verdict}. Vision attention: {row.vision_attention}."
+            f"(last) vision layer ≈ {budget:.1f} ms): {verdict}. Vision attention: {row.vision_attention}."
         )
     return lines
 

@@ -83,7 +83,7 @@ class MethodRow:
     prefill_ms: float
     ttft_ms: float
     between_ms: float
-    vision_layer_ms: float
+    vision_layer_ms: float  # median time of the last vision encoder layer
     peak_memory_gib: float | None
     tflops: float
     llm_visual_tokens: int
@@ -152,7 +152,7 @@ def stage_modules(model: nn.Module, family: str) -> StageModules:
     raise ValueError(f"no stage map for family {family!r}")
 
 
-def vision_attention_description(modules: StageModules, model: nn.Module, patched: bool) -> str:
+def vision_attention_description(modules: StageModules, model: nn.Module) -> str:
     """How the vision encoder's attention runs: its implementation, and which layers a patch made eager.
 
     A FlashVID patch swaps the class of the attention module(s) it reads the statistic from (ToMe-style
@@ -161,8 +161,6 @@ def vision_attention_description(modules: StageModules, model: nn.Module, patche
     vision_config = getattr(model.config, "vision_config", None)
     implementation = getattr(vision_config, "_attn_implementation", None) or "default"
     layers = len(modules.vision_layers)
-    if not patched:
-        return f"{implementation} ×{layers}"
     swapped = sum(
         1 for layer in modules.vision_layers for sub in layer.modules() if "_flashvid_original_class" in sub.__dict__
     )
@@ -316,7 +314,7 @@ def measure_round_robin(
         _activate(model, variant, family, layout)
         try:
             measurement = time_call(model, probe, video, settings.device, mode)
-            variant.vision_attention = vision_attention_description(modules, model, variant.flashvid is not None)
+            variant.vision_attention = vision_attention_description(modules, model)
         finally:
             _remove(model)
         progress()
@@ -357,7 +355,9 @@ def summarise(
         pruned_away = max(0, stats.visual_tokens_compressed - stats.visual_tokens_after_pruning)
     after_pruning = llm_visual - pruned_away
     peaks = [c.peak_memory for c in calls if c.peak_memory is not None]
-    layer_times = [t for c in calls for t in c.stages.vision_layer_ms]
+    # The statistic comes from the last encoder layer (LLaVA: the last used SigLIP layer; Qwen2.5-VL: the last,
+    # full-attention block), so that layer's time is the "one layer" FlashVID may add to vision encoding.
+    layer_times = [c.stages.vision_layer_ms[-1] for c in calls if c.stages.vision_layer_ms]
     return MethodRow(
         method=method,
         retention_ratio=ratio,
