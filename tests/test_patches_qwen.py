@@ -382,3 +382,27 @@ def test_attention_statistic_equals_eager_probabilities_of_the_last_vision_block
     assert torch.equal(features.flatten(0, 1), merged[0][order])
     frame_sums = attention.sum(dim=-1)  # each group's patch statistics sum to 1; merge-unit means to 1/4
     torch.testing.assert_close(frame_sums, torch.full_like(frame_sums, 0.25), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_and_video_prompt_identity_reproduces_stock(loaded, family):
+    model, processor = loaded(family, "eager")
+    rng = np.random.default_rng(2)
+    size = FRAME_SIZE[family]
+    picture = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    video = (rng.random((4, size, size, 3)) * 255).astype(np.uint8)
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Compare them."}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    kwargs = {}
+    if family == "qwen3_vl":
+        from transformers.video_utils import VideoMetadata
+
+        kwargs = {"video_metadata": [VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3])],
+                  "do_sample_frames": False}  # fmt: skip
+    inputs = processor(text=[text], images=[picture], videos=[video], return_tensors="pt", **kwargs)
+    stock = logits(model, inputs)
+    apply_flashvid(model, IDENTITY)
+    torch.testing.assert_close(logits(model, inputs), stock, atol=1e-5, rtol=0)
+    apply_flashvid(model, PRUNE)  # compressed video and pruning next to an untouched image
+    assert torch.isfinite(logits(model, inputs)).all()
+    assert model.flashvid_stats.visual_tokens_in == int((inputs["input_ids"] == model.config.video_token_id).sum())
