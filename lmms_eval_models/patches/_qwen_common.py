@@ -333,16 +333,16 @@ def _translate_decode_call(
     if call.get("position_ids") is None:
         # the stock fallback would count positions from the (shorter) cache; continue the original ones instead
         batch = int((call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0])
-        device = cache_device(call)
+        device = _call_device(call)
         positions = torch.arange(original_start, original_start + query_length, device=device).view(1, 1, -1)
         deltas = inner.rope_deltas.to(device) if inner.rope_deltas is not None else 0
         call["position_ids"] = (positions + deltas).expand(3, batch, -1)
     if "cache_position" in inspect.signature(stock_forward).parameters:
-        call["cache_position"] = torch.arange(cached, cached + query_length, device=cache_device(call))
+        call["cache_position"] = torch.arange(cached, cached + query_length, device=_call_device(call))
     return call
 
 
-def cache_device(call: dict[str, Any]) -> torch.device:
+def _call_device(call: dict[str, Any]) -> torch.device:
     tokens = call.get("input_ids")
     return tokens.device if tokens is not None else call["inputs_embeds"].device
 
