@@ -90,7 +90,14 @@ def test_vanilla_llava_video_uses_the_paper_layout(runs):
     video = _samples(runs("llava_video", False))[0]["token_counts"][0]["visual_tokens_in"]
     onevision = _samples(runs("llava_onevision", False))[0]["token_counts"][0]["visual_tokens_in"]
     assert video == 8 * 3 * 3
-    assert onevision == 8 * 4 * 4 + 1  # transformers' layout: one newline after all frames
+    assert onevision == 8 * 4 * 4  # bilinear pooling (plus one newline after all frames, not counted)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vanilla_and_flashvid_count_visual_tokens_alike(runs, family):
+    vanilla = [s["token_counts"][0]["visual_tokens_in"] for s in _samples(runs(family, False))]
+    flashvid = [s["token_counts"][0]["visual_tokens_in"] for s in _samples(runs(family, True))]
+    assert vanilla == flashvid
 
 
 def test_runs_are_deterministic(tiny_checkpoint, evaluate, runs):

@@ -269,8 +269,12 @@ class GenerateInstrument:
             self.probe = None
 
 
-def figures_of(probe: CallProbe) -> dict[str, float]:
-    """The per-sample figures; without FlashVID stats every visual placeholder goes through uncompressed."""
+def figures_of(probe: CallProbe, layout_tokens: int = 0) -> dict[str, float]:
+    """The per-sample figures; without FlashVID stats every visual placeholder goes through uncompressed.
+
+    `layout_tokens`: placeholders that are layout, not visual tokens (LLaVA-OneVision's one trailing newline), so
+    that a vanilla run counts visual tokens as the patch does.
+    """
     stats = probe.stats
     if stats is not None:
         visual_in, visual_out = stats.visual_tokens_in, stats.visual_tokens_compressed
@@ -280,7 +284,7 @@ def figures_of(probe: CallProbe) -> dict[str, float]:
             stats.compression_ms,
         )
     else:
-        visual_in = visual_out = after_pruning = probe.visual_placeholders
+        visual_in = visual_out = after_pruning = max(probe.visual_placeholders - layout_tokens, 0)
         segments, compression_ms = 0, 0.0
     return {
         "visual_tokens_in": int(visual_in),
@@ -319,6 +323,9 @@ class FlashVIDModel:
     base_class: ClassVar[type]
     suite_defaults: ClassVar[dict[str, Any]] = {}
     family_options: ClassVar[dict[str, Any]] = {}  # passed to apply_flashvid (e.g. the LLaVA video layout)
+    layout_placeholders: ClassVar[int] = (
+        0  # video placeholders per prompt that are layout (newlines), unpatched
+    )
 
     def __init__(self, **model_args: Any) -> None:
         arguments = split_model_args(self.base_class, model_args, self.model_name, self.suite_defaults)
@@ -387,7 +394,7 @@ class FlashVIDModel:
                 raise RuntimeError(
                     f"generation failed for doc {doc_id} of {task}: {probe.error}"
                 ) from probe.error
-            figures = figures_of(probe)
+            figures = figures_of(probe, self.layout_placeholders if probe.visual_placeholders else 0)
             results.append(
                 GenerationResult(
                     answer, FlashVIDTokenCounts(probe.input_tokens, probe.output_tokens, figures)

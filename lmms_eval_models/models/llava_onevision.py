@@ -31,6 +31,7 @@ class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
     base_class = LlavaHf
     suite_defaults: ClassVar[dict[str, Any]] = {"device": None, "device_map": None, "max_frames_num": 32}
     family_options: ClassVar[dict[str, Any]] = {}  # transformers' own layout; patched only with FlashVID on
+    layout_placeholders: ClassVar[int] = 1  # transformers' layout ends the video with one newline placeholder
 
     def _load(self, settings: dict[str, Any]) -> None:
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
