@@ -135,3 +135,35 @@ def test_out_of_range_layer_and_removal_leave_the_model_stock():
     assert torch.equal(outside_prefill, reference) and torch.equal(after, reference)
     with pytest.raises(ValueError, match="llm_retention_ratio"):
         attach_llm_pruning(model.layers, PRUNING_LAYER, 0.0)
+
+
+@pytest.mark.parametrize("implementation", ("eager", "sdpa"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decoding_equals_an_uncached_forward_with_the_same_kept_positions(kind, implementation, monkeypatch):
+    """Reference without any cache: the whole sequence again, with layers >= K forced to keep the prefill's kept
+    positions plus the new tokens; its last rows must equal what cached decoding produced."""
+    from lmms_eval_models.patches import llm_pruning
+
+    embeds = torch.randn(1, LENGTH, 64)
+    new_embeds = torch.randn(1, 3, 64)
+    model = _text_model(kind, implementation)
+    pruner = attach_llm_pruning(model.layers, PRUNING_LAYER, RATIO)
+    chosen: list[torch.Tensor] = []
+    choose = llm_pruning._keep_positions
+    monkeypatch.setattr(llm_pruning, "_keep_positions", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    with torch.no_grad():
+        decoded, _ = _decode(model, kind, pruner, embeds, new_embeds, [1, 1, 1])
+        keep = chosen[0]
+        for step in range(new_embeds.shape[1]):
+            forced = torch.cat([keep, torch.arange(LENGTH, LENGTH + step + 1)])
+            monkeypatch.setattr(llm_pruning, "_keep_positions", lambda *args, forced=forced: forced)
+            length = LENGTH + step + 1
+            with pruner.prefill(VISUAL_START, VISUAL_LENGTH):
+                reference = model(
+                    inputs_embeds=torch.cat([embeds, new_embeds[:, : step + 1]], dim=1),
+                    position_ids=_positions(kind, 0, length),
+                    attention_mask=torch.ones(1, length, dtype=torch.long),
+                    use_cache=False,
+                ).last_hidden_state
+            torch.testing.assert_close(decoded[:, step], reference[:, -1], atol=1e-5, rtol=1e-5)
+    pruner.remove()
