@@ -323,9 +323,8 @@ class FlashVIDModel:
     base_class: ClassVar[type]
     suite_defaults: ClassVar[dict[str, Any]] = {}
     family_options: ClassVar[dict[str, Any]] = {}  # passed to apply_flashvid (e.g. the LLaVA video layout)
-    layout_placeholders: ClassVar[int] = (
-        0  # video placeholders per prompt that are layout (newlines), unpatched
-    )
+    # Video placeholders per prompt that are layout (newlines) rather than visual tokens, when unpatched.
+    layout_placeholders: ClassVar[int] = 0
 
     def __init__(self, **model_args: Any) -> None:
         arguments = split_model_args(self.base_class, model_args, self.model_name, self.suite_defaults)
@@ -358,9 +357,8 @@ class FlashVIDModel:
 
     def _video_token_ids(self) -> list[int]:
         config = self.model.config
-        ids = {
-            getattr(config, name, None) for name in ("video_token_id", "video_token_index")
-        }  # aliases on 5.x
+        # transformers 5 has both names (aliases) for LLaVA: count each id once
+        ids = {getattr(config, name, None) for name in ("video_token_id", "video_token_index")}
         return sorted(token for token in ids if isinstance(token, int))
 
     @property
