@@ -29,7 +29,7 @@ How (module hooks only; no transformers forward body is copied, and no layer is 
   position ids as packed sequences). During decoding, these layers receive the mask's key columns gathered at
   the kept prefill positions (plus the decoded tokens), so eager, sdpa and flash attention all see the right keys.
 - A family patch with extra per-token state (Qwen3-VL's deepstack `visual_pos_masks`) reads
-  `PrefillResult.keep_positions` / `gather_positions` while the context is open.
+  `pruner.active.keep_positions` (or `pruner.active.gather_positions(tensor)`) while the context is open.
 """
 
 from __future__ import annotations
@@ -176,7 +176,6 @@ class LLMPruner:
             raise ValueError(f"llm_retention_ratio={llm_retention_ratio} is out of range: allowed (0, 1]")
         self.pruning_layer = pruning_layer
         self.llm_retention_ratio = float(llm_retention_ratio)
-        self._layers = layers
         self._active: PrefillResult | None = None
         self._caches: weakref.WeakKeyDictionary[Any, _PrunedCache] = weakref.WeakKeyDictionary()
         self._handles = [
@@ -187,6 +186,11 @@ class LLMPruner:
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
 
     # ------------------------------------------------------------------------------------------- public
+
+    @property
+    def active(self) -> PrefillResult | None:
+        """The result of the prefill in progress (inside `prefill`), else None."""
+        return self._active
 
     @contextlib.contextmanager
     def prefill(

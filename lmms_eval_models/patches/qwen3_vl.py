@@ -57,7 +57,7 @@ def _pruned_deepstack_process(
     entries and the feature rows of those positions."""
     state = self._flashvid_deepstack_state
     pruner = state.pruner
-    active = pruner._active if pruner is not None else None
+    active = pruner.active if pruner is not None else None
     if (
         active is not None
         and active.keep_positions is not None
