@@ -406,3 +406,23 @@ def test_image_and_video_prompt_identity_reproduces_stock(loaded, family):
     apply_flashvid(model, PRUNE)  # compressed video and pruning next to an untouched image
     assert torch.isfinite(logits(model, inputs)).all()
     assert model.flashvid_stats.visual_tokens_in == int((inputs["input_ids"] == model.config.video_token_id).sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_manual_decoding_step_continues_the_compressed_cache(loaded, family):
+    """A caller that drives the cache itself (no generate): original-length mask, no positions given."""
+    model, processor = loaded(family)
+    inputs = video_inputs(processor, family)
+    apply_flashvid(model, PRUNE)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        generated = model.generate(
+            **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        torch.manual_seed(0)
+        prefill = model(**inputs, use_cache=True)
+        token = prefill.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
+    assert int(token) == int(generated.sequences[0, inputs["input_ids"].shape[1]])
+    torch.testing.assert_close(step.logits[:, -1], generated.logits[1], atol=1e-4, rtol=1e-4)
