@@ -122,6 +122,8 @@ def test_cpu_mode_prints_the_table_and_flashvid_speeds_up_the_llm(tmp_path: Path
     # Ratio measured in this run; generous against the shared CPU's noise (tokens drop about 8x).
     assert float(vanilla["llm_forward_ms"]) / float(flashvid["llm_forward_ms"]) > 1.5
     assert csv_path.with_suffix(".md").read_text().count("| ours |") == 2
+    # the table says where the vision path runs extra (eager) work for the attention statistic
+    assert "statistic" in flashvid["vision_attention"] and "statistic" not in vanilla["vision_attention"]
 
 
 @pytest.mark.slow
@@ -130,7 +132,7 @@ def test_qwen_small_runs_through_the_patch(tmp_path: Path, capsys: pytest.Captur
                        "--warmup", "0", "--repeats", "1", "--no-write"]) == 0  # fmt: skip
     table = _table_lines(capsys.readouterr().out)
     flashvid = next(line for line in table if line.startswith("ours    FlashVID"))
-    assert "10%" in flashvid
+    assert "10%" in flashvid and "statistic" in flashvid
 
 
 @pytest.mark.parametrize(("table", "csv_name"), [("table6", "table6_efficiency_llava_onevision.csv"),

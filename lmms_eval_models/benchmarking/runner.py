@@ -152,23 +152,40 @@ def stage_modules(model: nn.Module, family: str) -> StageModules:
     raise ValueError(f"no stage map for family {family!r}")
 
 
-def vision_attention_description(modules: StageModules, model: nn.Module) -> str:
-    """How the vision encoder's attention runs: its implementation, and which layers a patch made eager.
+def hook_counts(modules: StageModules) -> list[int]:
+    """Forward (pre-)hooks inside each vision encoder layer (the layer itself excluded: the harness hooks it)."""
+    return [
+        sum(len(sub._forward_pre_hooks) + len(sub._forward_hooks) for sub in list(layer.modules())[1:])
+        for layer in modules.vision_layers
+    ]
 
-    A FlashVID patch swaps the class of the attention module(s) it reads the statistic from (ToMe-style
-    instance patching leaves `_flashvid_original_class` on them); every other layer keeps the implementation.
+
+def swapped_layers(modules: StageModules) -> int:
+    """Vision layers holding a module whose class a patch swapped (`common.swap_class` marks it)."""
+    return sum(
+        1 for layer in modules.vision_layers
+        if any("_flashvid_original_class" in sub.__dict__ for sub in list(layer.modules())[1:])
+    )  # fmt: skip
+
+
+def vision_attention_description(model: nn.Module, layers: int, swapped: int, hooked: int) -> str:
+    """How the vision encoder's attention runs: its implementation, and where a patch adds statistic work.
+
+    A patch either swaps the class of the attention module it reads the statistic from (that layer then runs
+    eagerly: `swapped`), or hooks that module and computes the statistic beside the fast attention (`hooked`:
+    layers with more hooks patched than unpatched; transformers 5 itself hooks attention modules to record
+    outputs, so absolute counts say nothing).
     """
     vision_config = getattr(model.config, "vision_config", None)
     implementation = getattr(vision_config, "_attn_implementation", None) or "default"
-    layers = len(modules.vision_layers)
-    swapped = sum(
-        1 for layer in modules.vision_layers for sub in layer.modules() if "_flashvid_original_class" in sub.__dict__
-    )
     if implementation == "eager":
         return f"eager ×{layers} (eager everywhere)"
-    if swapped == 0:
-        return f"{implementation} ×{layers}"
-    return f"{implementation} ×{layers - swapped} + eager ×{swapped} (statistic)"
+    description = f"{implementation} ×{layers - swapped}"
+    if swapped:
+        description += f" + eager ×{swapped} (statistic)"
+    if hooked:
+        description += f" + statistic pass in {hooked} layer(s)"
+    return description
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -314,9 +331,11 @@ def measure_round_robin(
         _activate(model, variant, family, layout)
         try:
             measurement = time_call(model, probe, video, settings.device, mode)
-            variant.vision_attention = vision_attention_description(modules, model)
+            swapped, patched_hooks = swapped_layers(modules), hook_counts(modules)
         finally:
             _remove(model)
+        hooked = sum(1 for patched, stock in zip(patched_hooks, hook_counts(modules)) if patched > stock)
+        variant.vision_attention = vision_attention_description(model, len(modules.vision_layers), swapped, hooked)
         progress()
         return measurement
 
