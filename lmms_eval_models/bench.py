@@ -53,37 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashvid-bench",
         description="Paper Table 6 (efficiency) for your hardware: vanilla vs FlashVID in one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(PRESETS), default=None,
                        help="shape preset with random weights (default: llava_onevision_7b on GPU, "
                             "llava_onevision_small on CPU)")
     model.add_argument("--checkpoint", default=None, help="load this checkpoint instead of a preset")
-    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available")
     model.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     model.add_argument("--threads", type=int, default=None,
                        help="CPU threads (default on CPU: 1, which keeps timings stable on a shared machine)")
-    model.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
+    model.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa (default), eager, flash_attention_2")
     model.add_argument("--video-layout", choices=("onevision", "llava_video"), default=None,
                        help="LLaVA token layout (default: the preset's; onevision for a checkpoint)")
     video = parser.add_argument_group("videos")
     video.add_argument("--frames", type=int, default=None, help="frames per video (default: the preset's, 64 / 16)")
     video.add_argument("--video", action="append", default=[], help="a video file (repeatable)")
     video.add_argument("--video-dir", default=None, help="take videos from this folder (e.g. a task's video folder)")
-    video.add_argument("--limit", type=int, default=5, help="videos taken from --video-dir (sorted by name)")
-    video.add_argument("--frame-size", type=int, default=448, help="Qwen2.5-VL frame side in pixels (multiple of 28)")
-    video.add_argument("--prompt-tokens", type=int, default=128, help="text tokens around the video")
+    video.add_argument("--limit", type=int, default=5, help="videos taken from --video-dir, sorted by name (default: 5)")
+    video.add_argument("--frame-size", type=int, default=448, help="Qwen2.5-VL frame side in pixels, a multiple of 28 (default: 448)")
+    video.add_argument("--prompt-tokens", type=int, default=128, help="text tokens around the video (default: 128)")
     run = parser.add_argument_group("run")
-    run.add_argument("--ratios", type=_ratios, default=[0.1], help="FlashVID retention ratios, e.g. '0.25,0.1'")
+    run.add_argument("--ratios", type=_ratios, default=[0.1], help="FlashVID retention ratios, e.g. '0.25,0.1' (default: 0.1)")
     run.add_argument("--flashvid", type=_override, action="append", default=[], metavar="KEY=VALUE",
                      help="FlashVID config override (official key names), repeatable")
     run.add_argument("--first-token", choices=("generate", "forward"), default="generate",
-                     help="TTFT call: generate(max_new_tokens=1), or one cached forward + argmax")
-    run.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration")
-    run.add_argument("--repeats", type=int, default=3, help="timed calls per video and configuration")
+                     help="TTFT call: generate(max_new_tokens=1) (default), or one cached forward + argmax")
+    run.add_argument("--warmup", type=int, default=1, help="untimed calls per variant (default: 1)")
+    run.add_argument("--repeats", type=int, default=3, help="timed calls per video and variant (default: 3)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out-dir", default="results/efficiency", help="where CSV and Markdown go")
+    run.add_argument("--out-dir", default="results/efficiency", help="where CSV and Markdown go (default: results/efficiency)")
     run.add_argument("--no-write", action="store_true", help="print only")
     return parser
 
