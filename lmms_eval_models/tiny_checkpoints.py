@@ -12,6 +12,8 @@ installed transformers version.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -39,6 +41,10 @@ SPECIAL_TOKENS = (
 )
 TOKEN_ID = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
 VOCAB_SIZE = 512
+
+# Bumped whenever a change here changes what is built, so caches kept across sessions (CI) are rebuilt.
+BUILDER_VERSION = 2
+BUILD_MARKER = "flashvid_tiny_build.json"
 
 # Text model shared by all families; 4 layers so inner-LLM pruning at a layer K in 1..3 is testable.
 TEXT_SIZES = {
@@ -427,21 +433,40 @@ def tiny_checkpoint_path(family: str, cache_dir: str | Path | None = None) -> Pa
     _check_family(family)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "tiny" / f"transformers-{transformers.__version__}" / family
-    if (target / "config.json").is_file():
+    if _is_current(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
         build_tiny_checkpoint(family, staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
+        (staging / BUILD_MARKER).write_text(json.dumps({"builder_version": BUILDER_VERSION, "seed": 0}))
+        _move_into_place(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _is_current(path: Path) -> bool:
+    """Whether `path` holds a complete checkpoint made by this version of the builder."""
+    try:
+        return json.loads((path / BUILD_MARKER).read_text()).get("builder_version") == BUILDER_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an outdated `target` is first renamed aside, then deleted."""
+    if target.exists() and not _is_current(target):
+        outdated = Path(tempfile.mkdtemp(prefix=f".{target.name}-outdated-", dir=target.parent))
+        with contextlib.suppress(OSError):  # another process may have moved it first
+            target.rename(outdated / target.name)
+        shutil.rmtree(outdated, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not _is_current(target):  # lost a race only if the winner finished
+            raise
 
 
 def main(argv: Sequence[str] | None = None) -> None:

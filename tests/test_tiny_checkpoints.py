@@ -97,3 +97,13 @@ def test_cache_is_reused_and_cli_prints_paths(tmp_path, capsys):
 def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown family 'llava'"):
         build_tiny_checkpoint("llava", tmp_path)
+
+
+def test_outdated_cache_is_rebuilt(tmp_path):
+    from lmms_eval_models.tiny_checkpoints import BUILD_MARKER, tiny_checkpoint_path
+
+    path = tiny_checkpoint_path("qwen3_vl", tmp_path)
+    (path / BUILD_MARKER).write_text('{"builder_version": 0}')  # as left by an older builder
+    (path / "stale.txt").write_text("from an older build")
+    assert tiny_checkpoint_path("qwen3_vl", tmp_path) == path
+    assert not (path / "stale.txt").exists() and (path / "config.json").is_file()
