@@ -48,6 +48,9 @@ class FlashVIDConfig:
             position in the previous frame (odd >= 1; the frame must be a square grid; None = the whole frame,
             official). The paper's Table 12 calls its breadth constraint a spatial neighbourhood (1 = same
             position only); tstm_max_breadth is the children-count reading of the same ablation.
+        tstm_float32_sums: for bf16/fp16 inputs, sum each TSTM tree once in float32 (vectorised, faster, more
+            accurate) instead of the official frame-by-frame sums rounded to the input dtype at each step.
+            No effect on float32 inputs.
         tstm_true_mean: a TSTM root becomes the mean of its whole tree. The official code divides the tree's
             sum by 1 + (number of direct children), so a chain z -> x -> y gives (x + y + z) / 2.
         adts_forbid_repick: make attn_div_v2 unable to pick a token twice (the official v2 can).
@@ -67,6 +70,7 @@ class FlashVIDConfig:
     tstm_max_depth: int | None = None
     tstm_max_breadth: int | None = None
     tstm_spatial_window: int | None = None
+    tstm_float32_sums: bool = False
     tstm_true_mean: bool = False
     adts_forbid_repick: bool = False
 
@@ -76,7 +80,7 @@ class FlashVIDConfig:
     _INT_FIELDS: ClassVar[tuple[str, ...]] = ("min_segment_num", "pruning_layer")
     _OPTIONAL_INT_FIELDS: ClassVar[tuple[str, ...]] = ("tstm_max_depth", "tstm_max_breadth", "tstm_spatial_window")
     _BOOL_FIELDS: ClassVar[tuple[str, ...]] = (
-        "do_segment", "complementary_segment", "tstm_true_mean", "adts_forbid_repick",
+        "do_segment", "complementary_segment", "tstm_float32_sums", "tstm_true_mean", "adts_forbid_repick",
     )
 
     def __post_init__(self) -> None:

@@ -160,6 +160,65 @@ def limit_depth(merged: Tensor, parent: Tensor, max_depth: int) -> Tensor:
     return merged
 
 
+def _stepwise_walk(values: Tensor, counts: Tensor, merged: Tensor, parent: Tensor) -> None:
+    """In place: last frame to first, divide the roots of frame t by their counts, then add the merged tokens'
+    running sums of frame t into their parents in t - 1 (one-hot product, as the official code), all in the
+    dtype of values. values (F, N, D), counts (F, N), merged (F, N), parent (F, N)."""
+    num_frames, num_tokens, _ = values.shape
+    for frame in range(num_frames - 1, -1, -1):
+        roots = ~merged[frame]
+        values[frame] = torch.where(roots.unsqueeze(-1), values[frame] / counts[frame].unsqueeze(-1), values[frame])
+        if frame == 0:
+            break
+        one_hot = torch.nn.functional.one_hot(parent[frame], num_tokens).to(values.dtype)
+        one_hot = one_hot * merged[frame].unsqueeze(-1).to(values.dtype)  # rows of roots contribute nothing
+        values[frame - 1] += one_hot.transpose(0, 1) @ values[frame]
+        counts[frame - 1] += one_hot.sum(dim=0)
+
+
+_WALK_GRAPHS: dict[tuple, tuple] = {}
+
+
+def stepwise_root_values(features: Tensor, merged: Tensor, parent: Tensor) -> Tensor:
+    """Root values computed as the official code computes them, in the input dtype: (F, N, D) (roots' rows).
+
+    The walk is sequential over frames (a node's sum must be rounded before its parent adds it); on CUDA it is
+    captured once per shape in a CUDA graph and replayed.
+    """
+    values = features.clone()
+    counts = torch.ones(merged.shape, dtype=features.dtype, device=features.device)
+    if not (features.is_cuda and _selection_graphs_enabled()):
+        _stepwise_walk(values, counts, merged, parent)
+        return values
+    key = (features.device, tuple(features.shape), features.dtype)
+    entry = _WALK_GRAPHS.pop(key, None)
+    if entry is None:
+        static = (values.clone(), counts.clone(), merged.clone(), parent.clone())
+        stream = torch.cuda.Stream(device=features.device)
+        stream.wait_stream(torch.cuda.current_stream(features.device))
+        with torch.cuda.stream(stream):
+            _stepwise_walk(static[0].clone(), static[1].clone(), static[2], static[3])  # warm-up
+        torch.cuda.current_stream(features.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            _stepwise_walk(*static)
+        entry = (graph, static)
+        while len(_WALK_GRAPHS) >= 8:
+            _WALK_GRAPHS.pop(next(iter(_WALK_GRAPHS)))
+    _WALK_GRAPHS[key] = entry
+    graph, static = entry
+    for target, source in zip(static, (values, counts, merged, parent)):
+        target.copy_(source)
+    graph.replay()
+    return static[0].clone()
+
+
+def _selection_graphs_enabled() -> bool:
+    from . import selection
+
+    return selection.USE_CUDA_GRAPHS
+
+
 def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tensor:
     """Root (global index f * N + n) of every token's tree, by pointer jumping. merged, parent: (F, N).
     Returns (F * N,) int64; a root points to itself."""
@@ -205,6 +264,7 @@ def spatiotemporal_merge(
     spatial_window: int | None = None,
     normalized: Tensor | None = None,
     reuse_features_float32: bool = False,
+    float32_sums: bool = False,
 ) -> TreeMerge:
     """TSTM over all segments of a video at once.
 
@@ -215,6 +275,10 @@ def spatiotemporal_merge(
     features_float32: optional float32 copy of features that the caller already holds (saves a conversion);
     reuse_features_float32: that copy is the caller's scratch and may be overwritten (saves another copy).
     normalized: optional precomputed features / their L2 norm in the input dtype.
+    Sums: float32 inputs are summed over each tree at once (pointer jumping + one index_add; equal to the
+    official frame-by-frame sums within float32 rounding). bf16/fp16 inputs are summed frame by frame in the
+    input dtype (stepwise_root_values), rounding as the official code does, unless float32_sums (opt-in: one
+    float32 sum per tree, faster and more accurate) or true_mean is set.
     """
     num_frames, num_tokens, dim = features.shape
     device = features.device
@@ -225,6 +289,15 @@ def spatiotemporal_merge(
         merged = limit_breadth(merged, parent, max_sim, max_breadth)
     if max_depth is not None:
         merged = limit_depth(merged, parent, max_depth)
+    if features.dtype != torch.float32 and not float32_sums and not true_mean:
+        # Low-precision inputs: round as the official code rounds, frame step by frame step, in the input dtype.
+        values = stepwise_root_values(features, merged, parent)
+        return TreeMerge(
+            merged=merged,
+            sums=values,
+            counts=torch.ones(num_frames, num_tokens, dtype=values.dtype, device=device),
+            floor_used=floor_used,
+        )
     roots_of = tree_roots(merged, parent, max(segment_lengths, default=1))
     if features_float32 is not None:
         flat = features_float32.reshape(num_frames * num_tokens, dim)

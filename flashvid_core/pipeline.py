@@ -284,6 +284,7 @@ def _contextual_tokens(
             normalized=normalized,
             # The float32 copy is ours (not the caller's features) and selection is done with it.
             reuse_features_float32=features.dtype != torch.float32,
+            float32_sums=config.tstm_float32_sums,
         )
         passed = torch.where(single_frame.unsqueeze(-1), True, ~tree.merged & ~selected)
         values = _RootValues(tree.sums, tree.counts, dtype)
@@ -372,7 +373,7 @@ def _cluster_frames(
     noise_offset: dict[int, int],
     num_tokens: int,
 ) -> tuple[Tensor, Tensor]:
-    """DPC-kNN on the given frames (one padded batch) and the cluster means. Returns (K_total, D) float32 tokens
+    """DPC-kNN on the given frames (one padded batch) and the cluster means. Returns (K_total, D) tokens
     (clusters frame by frame, each frame's in descending score order) and their global indices (the centres')."""
     device = values.device
     dim = values.sums.shape[-1]
@@ -402,8 +403,10 @@ def _cluster_frames(
     )
     # Cluster means as the official code forms them: one-hot (C, K, n) @ points (C, n, D) / member counts.
     one_hot = (assignment.unsqueeze(1) == torch.arange(max_clusters, device=device).view(1, -1, 1)) & used.unsqueeze(1)
-    one_hot = one_hot.to(torch.float32)
-    means = torch.bmm(one_hot, points) / one_hot.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (C, K_max, D)
+    # In the input dtype, as the official code forms them (bf16/fp16 products accumulate in float32, round once).
+    one_hot = one_hot.to(values.dtype)
+    members = points if values.dtype == torch.float32 else points.to(values.dtype)
+    means = torch.bmm(one_hot, members) / one_hot.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (C, K_max, D)
     # Centres, frame by frame, in score order: pick slot j < K_i of row i.
     centre_global = (frame_index.unsqueeze(-1) * num_tokens + local.gather(1, centres)).flatten()[pick]
     return means.reshape(-1, dim)[pick], centre_global

@@ -215,3 +215,39 @@ def test_cuda_matches_the_golden_set_with_recorded_noise():
     for case in cc.cases("flashvid_compression"):
         kwargs = {} if case.get("expect_exception") else {"inject_noise": True}
         cc.run_case(case, device="cuda", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_the_stepwise_loop_implementation(dtype):
+    # TSTM sums rounded frame step by frame step in the input dtype, cluster means formed in it: as the
+    # loop-style implementation (and the official code) does.
+    for seed in range(2):
+        features, attention = LOOP.synthetic_video(10, 64, 24, "cpu", dtype, seed=seed)
+        config = fc.FlashVIDConfig(min_segment_num=3)
+        torch.manual_seed(seed)
+        loop_tokens, loop_indices = LOOP.loop_compress(features, attention, config)
+        torch.manual_seed(seed)
+        out = fc.compress(features, attention, config)
+        assert torch.equal(out.indices, loop_indices)
+        assert out.tokens.dtype == dtype
+        assert torch.allclose(out.tokens.float(), loop_tokens.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_stepwise_and_vectorised_tree_sums_agree():
+    features, attention = LOOP.synthetic_video(6, 36, 16, "cpu", torch.float32, seed=2)
+    keep = fc.select_tokens(features, attention, 4, "attn")
+    selected = torch.zeros(6, 36, dtype=torch.bool)
+    selected[torch.arange(6).unsqueeze(-1), keep] = True
+    tree = fc.spatiotemporal_merge(features, selected, [6], 0.5, 8)
+    _, parent = fc.temporal_parents(features, selected, torch.tensor([True, False, False, False, False, False]))
+    stepwise = fc.merging.stepwise_root_values(features, tree.merged, parent)
+    roots = ~tree.merged
+    assert torch.allclose(stepwise[roots], tree.root_values[roots], atol=1e-5)
+    # The opt-in float32 sums for low precision inputs stay within its rounding.
+    half = features.to(torch.bfloat16)
+    official = fc.spatiotemporal_merge(half, selected, [6], 0.5, 8)
+    fast = fc.spatiotemporal_merge(half, selected, [6], 0.5, 8, float32_sums=True)
+    assert torch.equal(official.merged, fast.merged)
+    keep_rows = ~official.merged & ~selected
+    assert torch.allclose(official.root_values[keep_rows].float(), fast.root_values[keep_rows].float(), atol=0.1,
+                          rtol=2e-2)
