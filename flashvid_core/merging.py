@@ -160,20 +160,12 @@ def limit_depth(merged: Tensor, parent: Tensor, max_depth: int) -> Tensor:
     return merged
 
 
-def _stepwise_walk(values: Tensor, counts: Tensor, merged: Tensor, parent: Tensor) -> None:
-    """In place: last frame to first, divide the roots of frame t by their counts, then add the merged tokens'
-    running sums of frame t into their parents in t - 1 (one-hot product, as the official code), all in the
-    dtype of values. values (F, N, D), counts (F, N), merged (F, N), parent (F, N)."""
-    num_frames, num_tokens, _ = values.shape
-    for frame in range(num_frames - 1, -1, -1):
-        roots = ~merged[frame]
-        values[frame] = torch.where(roots.unsqueeze(-1), values[frame] / counts[frame].unsqueeze(-1), values[frame])
-        if frame == 0:
-            break
-        one_hot = torch.nn.functional.one_hot(parent[frame], num_tokens).to(values.dtype)
-        one_hot = one_hot * merged[frame].unsqueeze(-1).to(values.dtype)  # rows of roots contribute nothing
-        values[frame - 1] += one_hot.transpose(0, 1) @ values[frame]
-        counts[frame - 1] += one_hot.sum(dim=0)
+def _stepwise_walk(values: Tensor, children_of: Tensor) -> None:
+    """In place, last frame to first: add the running sums of frame t's merged tokens into their parents in
+    t - 1, rounding to the dtype of values at each step (product, then addition) as the official code does.
+    values (F, N, D); children_of (F, N, N): [t, p, c] = 1 where token c of frame t merges into p of t - 1."""
+    for frame in range(values.shape[0] - 1, 0, -1):
+        values[frame - 1] += children_of[frame] @ values[frame]
 
 
 _WALK_GRAPHS: dict[tuple, tuple] = {}
@@ -182,23 +174,35 @@ _WALK_GRAPHS: dict[tuple, tuple] = {}
 def stepwise_root_values(features: Tensor, merged: Tensor, parent: Tensor) -> Tensor:
     """Root values computed as the official code computes them, in the input dtype: (F, N, D) (roots' rows).
 
-    The walk is sequential over frames (a node's sum must be rounded before its parent adds it); on CUDA it is
+    Child counts do not depend on the sums, and a root is divided only after its own frame has been summed
+    (nothing reads it afterwards), so only the additions are sequential over frames; on CUDA that loop is
     captured once per shape in a CUDA graph and replayed.
     """
+    num_frames, num_tokens, _ = features.shape
+    dtype = features.dtype
+    candidates = torch.arange(num_tokens, device=features.device)
+    links = (parent.unsqueeze(-1) == candidates) & merged.unsqueeze(-1)  # (F, child, parent)
+    children_of = links.transpose(1, 2).to(dtype).contiguous()  # (F, parent, child)
+    counts = torch.ones(num_frames, num_tokens, dtype=dtype, device=features.device)
+    counts[:-1] += children_of[1:].sum(dim=-1)  # one per direct child, in the input dtype as the official code
     values = features.clone()
-    counts = torch.ones(merged.shape, dtype=features.dtype, device=features.device)
-    if not (features.is_cuda and _selection_graphs_enabled()):
-        _stepwise_walk(values, counts, merged, parent)
-        return values
-    key = (features.device, tuple(features.shape), features.dtype)
+    if features.is_cuda and _selection_graphs_enabled() and num_frames > 1:
+        values = _walk_with_graph(values, children_of)
+    else:
+        _stepwise_walk(values, children_of)
+    return torch.where(merged.unsqueeze(-1), values, values / counts.unsqueeze(-1))
+
+
+def _walk_with_graph(values: Tensor, children_of: Tensor) -> Tensor:
+    key = (values.device, tuple(values.shape), values.dtype)
     entry = _WALK_GRAPHS.pop(key, None)
     if entry is None:
-        static = (values.clone(), counts.clone(), merged.clone(), parent.clone())
-        stream = torch.cuda.Stream(device=features.device)
-        stream.wait_stream(torch.cuda.current_stream(features.device))
+        static = (values.clone(), children_of.clone())
+        stream = torch.cuda.Stream(device=values.device)
+        stream.wait_stream(torch.cuda.current_stream(values.device))
         with torch.cuda.stream(stream):
-            _stepwise_walk(static[0].clone(), static[1].clone(), static[2], static[3])  # warm-up
-        torch.cuda.current_stream(features.device).wait_stream(stream)
+            _stepwise_walk(static[0].clone(), static[1])  # warm-up outside the capture
+        torch.cuda.current_stream(values.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             _stepwise_walk(*static)
@@ -207,8 +211,8 @@ def stepwise_root_values(features: Tensor, merged: Tensor, parent: Tensor) -> Te
             _WALK_GRAPHS.pop(next(iter(_WALK_GRAPHS)))
     _WALK_GRAPHS[key] = entry
     graph, static = entry
-    for target, source in zip(static, (values, counts, merged, parent)):
-        target.copy_(source)
+    static[0].copy_(values)
+    static[1].copy_(children_of)
     graph.replay()
     return static[0].clone()
 
