@@ -7,6 +7,7 @@ importing the package does not import every family's transformers module.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from lmms_eval_models.patches.common import FlashVIDStats, is_patched
@@ -32,9 +33,24 @@ def _family_module(model: Any):
 def apply_flashvid(model: Any, config: Any, **family_options: Any) -> Any:
     """Patch `model` (this instance only) to compress its video tokens with FlashVID `config`.
 
-    `family_options` are passed to the family's `apply` (for example the LLaVA video layout). Returns the model.
+    `family_options` are passed to the family's `apply`: every family takes `method` (default "flashvid"; any of
+    `flashvid_core.baselines.METHODS`, run at `config.retention_ratio`) and `baseline_options` (a mapping of
+    `BaselineSettings` fields), LLaVA also `video_layout`, Qwen3-VL `drop_vision_delimiters`. An unknown method,
+    option or family option raises before the model is touched. Returns the model.
     """
-    return _family_module(model).apply(model, config, **family_options)
+    module = _family_module(model)
+    _check_family_options(module, family_options)
+    return module.apply(model, config, **family_options)
+
+
+def _check_family_options(module: Any, family_options: dict[str, Any]) -> None:
+    """A ValueError naming an unknown family option and the family's allowed ones (not a bare TypeError)."""
+    allowed = [name for name in inspect.signature(module.apply).parameters if name not in ("model", "config")]
+    unknown = sorted(set(family_options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown family option(s) {unknown} for {module.SUPPORTED_CLASS}: allowed {', '.join(allowed)}"
+        )
 
 
 def remove_flashvid(model: Any) -> Any:

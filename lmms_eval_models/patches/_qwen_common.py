@@ -3,8 +3,10 @@
 One model instance is patched by giving its inner `Qwen*VLModel` a subclass whose `forward`
 
 - on a video prefill: runs the stock `get_video_features` (and `get_image_features` for images, untouched) while a
-  forward pre-hook on the *last* vision block's attention computes the attention statistic there only; compresses
-  each video with `flashvid_core.compress`; puts the compressed token of global index g at the g-th video
+  forward pre-hook on the *last* vision block's attention computes the attention statistic there only (only for
+  the methods that read it: flashvid, visionzip, fastvid); compresses each video with the patch's method
+  (`flashvid_core.baselines.compress_with_method`, FlashVID's `compress` for "flashvid") on its merged-token grid
+  (h, w) = (grid_h, grid_w) / spatial_merge_size; puts the compressed token of global index g at the g-th video
   placeholder of that video (duplicated indices insert both rows there), drops the other video placeholders;
   gathers the 3-D M-RoPE position ids of the stock model (`get_rope_index`), the attention mask and (Qwen3-VL)
   the deepstack features at those positions; and calls the language model with `inputs_embeds` and
@@ -25,15 +27,23 @@ import math
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lmms_eval_models.patches.common import PATCH_ATTR, FlashVIDStats, restore_class, swap_class
-from lmms_eval_models.patches.llm_pruning import LLMPruner, attach_llm_pruning
+from lmms_eval_models.patches.common import (
+    PATCH_ATTR,
+    FlashVIDStats,
+    MethodPlan,
+    attach_planned_pruning,
+    plan_method,
+    restore_class,
+    swap_class,
+)
+from lmms_eval_models.patches.llm_pruning import LLMPruner
 
 STATS_ATTR = "flashvid_stats"
 _STATE_ATTR = "_flashvid_state"  # on the inner Qwen*VLModel, the same object as PATCH_ATTR on the outer model
@@ -172,7 +182,7 @@ class _VideoStatistic:
     """The statistic of the latest `get_video_features` call, and the features it belongs to."""
 
     features: weakref.ref  # the first video's embeddings tensor of that call's output
-    attention: torch.Tensor  # (total merged tokens,) raster order
+    attention: torch.Tensor | None  # (total merged tokens,) raster order; None for methods that do not read it
     grid_thw: torch.Tensor
 
     def matches(self, first_features: torch.Tensor) -> bool:
@@ -181,9 +191,10 @@ class _VideoStatistic:
 
 @dataclass
 class QwenPatchState:
-    config: Any
+    config: Any  # flashvid_core.FlashVIDConfig, or None for method "none"
     family: QwenFamily
     options: dict[str, Any]
+    method: MethodPlan
     vision_hook: _VisionStatisticHook
     pruner: LLMPruner | None
     owner: weakref.ref
@@ -209,24 +220,35 @@ def check_supported(model: Any, family: QwenFamily) -> None:
         )
 
 
-def apply(model: Any, config: Any, family: QwenFamily, options: dict[str, Any]) -> Any:
+def apply(
+    model: Any,
+    config: Any,
+    family: QwenFamily,
+    options: dict[str, Any],
+    method: str = "flashvid",
+    baseline_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Patch one instance (see the family modules); everything is validated before the model is touched."""
     check_supported(model, family)
     from flashvid_core import FlashVIDConfig
 
     if isinstance(config, dict):
         config = FlashVIDConfig.from_mapping(config)
-    if not isinstance(config, FlashVIDConfig):
+    if config is not None and not isinstance(config, FlashVIDConfig):  # None: plan_method says which need one
         raise TypeError(f"config must be a flashvid_core.FlashVIDConfig, got {type(config).__name__}")
-    if getattr(model, PATCH_ATTR, None) is not None:
-        remove(model)
     inner = model.model
     language_model = inner.language_model
+    plan = plan_method(method, baseline_options, config, len(language_model.layers))
+    if getattr(model, PATCH_ATTR, None) is not None:
+        remove(model)
     state = QwenPatchState(
         config=config,
         family=family,
         options=dict(options),
+        method=plan,
         vision_hook=_VisionStatisticHook(inner.visual.blocks[-1].attn),
-        pruner=attach_llm_pruning(language_model.layers, config.pruning_layer, config.llm_retention_ratio),
+        # None when the method does not prune inside the LLM (FlashVID: K beyond the LLM, as the official code)
+        pruner=attach_planned_pruning(language_model.layers, plan),
         owner=weakref.ref(model),
     )
     swap_class(inner, _make_subclass)
@@ -261,6 +283,10 @@ def _make_subclass(original: type) -> type:
         state: QwenPatchState = getattr(self, _STATE_ATTR)
         grid_thw = _bind(original.get_video_features, self, args, kwargs)["video_grid_thw"]
         _check_one_video(grid_thw)  # before any vision work (5.x generate encodes a batch's videos first)
+        if not state.method.needs_statistic:  # the hook stays idle: these methods never read the statistic
+            output = original.get_video_features(self, *args, **kwargs)
+            state.video_statistic = _VideoStatistic(weakref.ref(_features(output)[0][0]), None, grid_thw)
+            return output
         with state.vision_hook.capture() as captured:
             output = original.get_video_features(self, *args, **kwargs)
         if len(captured) != 1:
@@ -462,9 +488,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]) -> Any:
-    from flashvid_core import compress
+def _per_video_statistic(
+    attention: torch.Tensor | None, frames: list[int], tokens_per_frame: list[int]
+) -> list[torch.Tensor | None]:
+    """The raster statistic of the call split into one (F, N) tensor per video (None each when not computed)."""
+    if attention is None:
+        return [None] * len(frames)
+    sizes = [f * n for f, n in zip(frames, tokens_per_frame)]
+    return [scores.view(f, n) for scores, f, n in zip(torch.split(attention, sizes), frames, tokens_per_frame)]
 
+
+def _merged_grids(video_grid_thw: torch.Tensor, merge_size: int) -> list[tuple[int, int]]:
+    """(h, w) of each video's merged-token grid, in raster order: the patch grid over the merge size."""
+    return [(int(h) // merge_size, int(w) // merge_size) for h, w in video_grid_thw[:, 1:].tolist()]
+
+
+def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]) -> Any:
     _check_prefill_call(call)
     config = inner.config
     input_ids = call["input_ids"]
@@ -500,7 +539,8 @@ def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]
     merge_unit = inner.visual.spatial_merge_size**2
     frames = video_grid_thw[:, 0].tolist()
     tokens_per_frame = (video_grid_thw[:, 1] * video_grid_thw[:, 2] // merge_unit).tolist()
-    attention_per_video = torch.split(attention, [f * n for f, n in zip(frames, tokens_per_frame)])
+    attention_per_video = _per_video_statistic(attention, frames, tokens_per_frame)
+    grids = _merged_grids(video_grid_thw, inner.visual.spatial_merge_size)
     placeholder_rows = torch.nonzero(ids == config.video_token_id).flatten()
     if placeholder_rows.numel() != sum(e.shape[0] for e in video_embeds):
         raise ValueError(
@@ -512,12 +552,10 @@ def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]
     _synchronize(embeds.device)
     started = time.perf_counter()
     compressions = [
-        compress(
-            features.view(f, n, -1),
-            scores.view(f, n),
-            state.config,
+        state.method.compress(features.view(f, n, -1), scores, grid_hw, state.config)
+        for features, scores, grid_hw, f, n in zip(
+            video_embeds, attention_per_video, grids, frames, tokens_per_frame
         )
-        for features, scores, f, n in zip(video_embeds, attention_per_video, frames, tokens_per_frame)
     ]
     drop = ids == config.video_token_id
     if state.options.get("drop_vision_delimiters"):
@@ -626,8 +664,8 @@ def _model_output(inner: nn.Module, state: QwenPatchState, outputs: Any) -> Any:
 def video_compression_inputs(
     model: Any, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """What a patched model hands `flashvid_core.compress` for each video: features (F, N, D) and the attention
-    statistic (F, N) (for inspection and tests; the model must be patched)."""
+    """What a patched model hands its method's compression for each video: features (F, N, D) and the attention
+    statistic (F, N), None for methods that do not read it (for inspection and tests; the model must be patched)."""
     inner = model.model
     state: QwenPatchState = getattr(inner, _STATE_ATTR)
     embeds, _ = _features(inner.get_video_features(pixel_values_videos, video_grid_thw))
@@ -635,8 +673,7 @@ def video_compression_inputs(
     merge_unit = inner.visual.spatial_merge_size**2
     frames = video_grid_thw[:, 0].tolist()
     tokens_per_frame = (video_grid_thw[:, 1] * video_grid_thw[:, 2] // merge_unit).tolist()
-    attention = torch.split(statistic.attention, [f * n for f, n in zip(frames, tokens_per_frame)])
+    attention = _per_video_statistic(statistic.attention, frames, tokens_per_frame)
     return [
-        (features.view(f, n, -1), scores.view(f, n))
-        for features, scores, f, n in zip(embeds, attention, frames, tokens_per_frame)
+        (features.view(f, n, -1), scores) for features, scores, f, n in zip(embeds, attention, frames, tokens_per_frame)
     ]

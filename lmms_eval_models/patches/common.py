@@ -1,7 +1,9 @@
-"""What every family's patch shares: the per-call statistics and instance-scoped class swapping."""
+"""What every family's patch shares: the per-call statistics, instance-scoped class swapping, and the method
+plan (FlashVID or a baseline of `flashvid_core.baselines`) validated at apply time."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +48,71 @@ def restore_class(module: Any) -> None:
     if original is not None:
         module.__class__ = original
         del module._flashvid_original_class
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+# Methods whose selection reads the vision attention statistic; for the others it is never computed.
+STATISTIC_METHODS: tuple[str, ...] = ("flashvid", "visionzip", "fastvid")
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """Which token-compression method one patched instance runs, validated once when the patch is applied.
+
+    method: one of `flashvid_core.baselines.METHODS`; retention_ratio: R of the config (1.0 for "none" without
+    one); settings: the `BaselineSettings` parsed from the baseline options; llm_pruning: where and how much the
+    LLM prunes visual tokens (FlashVID's K/r, FastV's K/r derived from R), None for no inner pruning.
+    """
+
+    method: str
+    retention_ratio: float
+    settings: Any  # flashvid_core.baselines.BaselineSettings
+    llm_pruning: Any  # flashvid_core.baselines.LLMPruning | None
+
+    @property
+    def needs_statistic(self) -> bool:
+        return self.method in STATISTIC_METHODS
+
+    def compress(self, features: Any, statistic: Any, grid_hw: tuple[int, int], config: Any) -> Any:
+        """One video's Compression: features (F, N, D), statistic (F, N) or None, grid_hw (h, w) with h·w = N."""
+        from flashvid_core.baselines import compress_with_method
+
+        return compress_with_method(
+            self.method, features, statistic, self.retention_ratio, grid_hw, flashvid_config=config,
+            **self.settings.to_dict(),
+        )  # fmt: skip
+
+
+def plan_method(
+    method: Any, baseline_options: Mapping[str, Any] | None, config: Any, num_llm_layers: int
+) -> MethodPlan:
+    """Validate a family's method options before any model work; ValueError names the bad value and the allowed.
+
+    config: the `FlashVIDConfig` whose retention_ratio sets every method's budget (None only for "none").
+    """
+    from flashvid_core.baselines import METHODS, BaselineSettings, llm_pruning_plan
+
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: allowed {', '.join(METHODS)}")
+    if baseline_options is None:
+        baseline_options = {}
+    if not isinstance(baseline_options, Mapping):
+        raise ValueError(
+            f"baseline_options={baseline_options!r} is invalid: expected a mapping of BaselineSettings fields"
+        )
+    settings = BaselineSettings.from_options(baseline_options)
+    if config is None and method != "none":
+        raise ValueError(f"method={method!r} needs a FlashVIDConfig: its retention_ratio sets the token budget")
+    retention_ratio = 1.0 if config is None else float(config.retention_ratio)
+    pruning = llm_pruning_plan(method, retention_ratio, num_llm_layers, settings, config)
+    return MethodPlan(method=method, retention_ratio=retention_ratio, settings=settings, llm_pruning=pruning)
+
+
+def attach_planned_pruning(layers: Any, plan: MethodPlan) -> Any:
+    """The `LLMPruner` the plan asks for on these decoder layers, or None."""
+    if plan.llm_pruning is None:
+        return None
+    from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
+
+    return attach_llm_pruning(layers, plan.llm_pruning.pruning_layer, plan.llm_pruning.llm_retention_ratio)

@@ -2,7 +2,7 @@
 
 Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `remove_flashvid`):
 
-    apply(model, config, video_layout="onevision") -> model
+    apply(model, config, video_layout="onevision", method="flashvid", baseline_options=None) -> model
     remove(model) -> model
 
 `video_layout` — the family option (keyword) choosing how a video's tokens are pooled and laid out:
@@ -16,28 +16,37 @@ Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `re
 
 `config` is a `flashvid_core.FlashVIDConfig`, or ``None`` for no compression at all: every token is kept and
 only the layout applies. ``apply(model, None, video_layout="llava_video")`` is therefore the paper's *vanilla*
-LLaVA-Video run (64 frames × (169 + 1) tokens).
+LLaVA-Video run (64 frames × (169 + 1) tokens); it is the same as ``method="none"``.
+
+`method` (keyword, default ``"flashvid"``) — any of `flashvid_core.baselines.METHODS`: flashvid, fastv,
+visionzip, divprune, fastvid, uniform, random, none. Every method compresses the pooled (F, N, D) features
+through `compress_with_method` at ``config.retention_ratio`` on the pooled square grid of the layout, and its
+inner-LLM pruning comes from `llm_pruning_plan` (FlashVID: config K and r; FastV: K = ``fastv_layer`` and the r
+that aligns the per-layer average with R, over the whole uncompressed video; the others: none). ``"none"`` keeps
+every token and prunes nothing. `baseline_options` (a mapping of `BaselineSettings` fields, typed or strings)
+sets the baselines' parameters. An unknown method or option raises ValueError at apply time.
 
 How it works, for one model instance only (other instances of the class are untouched):
 
 - The model's class is swapped for a subclass whose `forward` intercepts calls that carry `pixel_values_videos`:
   it runs the stock `get_video_features` (so the projector and pooling are transformers' own), takes the
-  attention statistic from the last *used* SigLIP layer, compresses with `flashvid_core.compress`, replaces the
+  attention statistic from the last *used* SigLIP layer, compresses with the method, replaces the
   whole run of video placeholders by the compressed tokens and newline(s), and calls the stock `forward` with
   `inputs_embeds`, a matching attention mask and contiguous positions 0..L'-1 of the shortened sequence.
 - Only that one SigLIP attention module computes attention probabilities (its class is swapped too, and it
-  computes them only while a FlashVID call is running); all other vision layers keep their fast implementation.
+  computes them only while a FlashVID call is running, and only for the methods that read the statistic:
+  flashvid, visionzip, fastvid); all other vision layers keep their fast implementation.
 - `generate` keeps tracking the original (longer) `input_ids` / `attention_mask` / positions. Decoding calls that
   continue the cache filled by a FlashVID prefill are translated back onto the shortened sequence; the state is
   per instance and replaced at every prefill.
-- Inner-LLM pruning (when `config.pruning_layer` lies inside the LLM) goes through `llm_pruning.attach_llm_pruning`
-  on this instance's decoder layers. Its visual tokens are the M compressed tokens; the newline embeddings count
+- Inner-LLM pruning (FlashVID when `config.pruning_layer` lies inside the LLM, FastV) goes through
+  `llm_pruning.attach_llm_pruning` on this instance's decoder layers. Its visual tokens are the M compressed tokens; the newline embeddings count
   as text (for the OneVision layout this is the official span [start, start + M)); from layer K on,
   ceil(M · llm_retention_ratio) of them remain, and the layers >= K cache only the pruned sequence.
 - `model.flashvid_stats` (a `FlashVIDStats`, None before the first video call) describes the last video prefill:
   visual_tokens_in = F·N pooled tokens, visual_tokens_compressed = M, visual_tokens_after_pruning = the visual
   tokens left from layer K on (M without pruning), newline embeddings not counted; num_segments; compression_ms
-  (CUDA-synchronised wall time of `compress`). The config is never written.
+  (CUDA-synchronised wall time of the method's compression). The config is never written.
 - transformers 5's `generate` would pre-encode the video through the stock `get_video_features`
   (`mm_encoder_outputs`); the patched forward hides that parameter so the raw pixels reach it, as on 4.57.
   Static (compileable) caches, whose 4-D masks are built in the original coordinates, are refused.
@@ -51,15 +60,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lmms_eval_models.patches.common import PATCH_ATTR, FlashVIDStats, restore_class, swap_class
+from lmms_eval_models.patches.common import (
+    PATCH_ATTR,
+    FlashVIDStats,
+    MethodPlan,
+    attach_planned_pruning,
+    plan_method,
+    restore_class,
+    swap_class,
+)
 
 VIDEO_LAYOUTS: tuple[str, ...] = ("onevision", "llava_video")
 SUPPORTED_CLASS = "LlavaOnevisionForConditionalGeneration"
@@ -109,33 +128,41 @@ class _DecodeMap:
 class _LlavaPatch:
     config: Any  # flashvid_core.FlashVIDConfig or None (layout only)
     video_layout: str
-    pruner: Any = None  # llm_pruning.LLMPruner when the config's pruning layer lies inside the LLM
+    method: MethodPlan
+    pruner: Any = None  # llm_pruning.LLMPruner when the method prunes inside the LLM
     decode: _DecodeMap | None = None
 
 
 # ------------------------------------------------------------------------------------------ public API
 
 
-def apply(model: nn.Module, config: Any, video_layout: str = "onevision") -> nn.Module:
-    """Patch this `LlavaOnevisionForConditionalGeneration` instance with FlashVID `config` (None: layout only).
+def apply(
+    model: nn.Module,
+    config: Any,
+    video_layout: str = "onevision",
+    *,
+    method: str = "flashvid",
+    baseline_options: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Patch this `LlavaOnevisionForConditionalGeneration` instance to compress its videos with `method` at
+    `config.retention_ratio` (config None: layout only, i.e. method "none").
 
-    Re-applying replaces the previous settings. Returns the model.
+    Everything is validated before the model is touched. Re-applying replaces the previous settings. Returns
+    the model.
     """
     _check_model(model)
     _check_config(config)
     if video_layout not in VIDEO_LAYOUTS:
         raise ValueError(f"video_layout must be one of {VIDEO_LAYOUTS}, got {video_layout!r}")
+    if config is None and method == "flashvid":
+        method = "none"  # no config: no compression, as before methods existed
+    layers = model.model.language_model.layers
+    plan = plan_method(method, baseline_options, config, len(layers))
     if getattr(model, PATCH_ATTR, None) is not None:
         remove(model)
-    pruner = None
-    if config is not None:
-        from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
-
-        # None when K is not inside the LLM: no inner pruning, as the official code on shallower models
-        pruner = attach_llm_pruning(
-            model.model.language_model.layers, config.pruning_layer, config.llm_retention_ratio
-        )
-    setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout, pruner=pruner))
+    # None when the method does not prune inside the LLM (FlashVID: K beyond the LLM, as the official code)
+    pruner = attach_planned_pruning(layers, plan)
+    setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout, method=plan, pruner=pruner))
     model.__dict__[STATS_ATTR] = None
     swap_class(model, _flashvid_model_class)
     if video_layout == "llava_video":
@@ -335,6 +362,19 @@ def last_used_vision_layer(vision_feature_layer: int | list[int], num_layers: in
     return layer
 
 
+def _video_features(
+    model: nn.Module, pixel_values_videos: torch.Tensor, feature_layer: Any, select_strategy: str
+) -> torch.Tensor:
+    """Pooled, projected video features (F, N, D), the stock way (for methods that need no statistic)."""
+    output = model.model.get_video_features(
+        pixel_values_videos, vision_feature_layer=feature_layer, vision_feature_select_strategy=select_strategy
+    )
+    if not torch.is_tensor(output):  # transformers 5: a ModelOutput whose pooler_output ends with the newline
+        output = output.pooler_output[:, :-1]
+    frames = pixel_values_videos.shape[0] * pixel_values_videos.shape[1]
+    return output.reshape(frames, -1, output.shape[-1])
+
+
 def _features_and_statistic(
     model: nn.Module, pixel_values_videos: torch.Tensor, feature_layer: Any, select_strategy: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +425,10 @@ def _video_prefill(
     select_strategy = _resolved(
         arguments.get("vision_feature_select_strategy"), model.config.vision_feature_select_strategy
     )
-    features, statistic = _features_and_statistic(model, pixel_values_videos, feature_layer, select_strategy)
+    if patch.method.needs_statistic:
+        features, statistic = _features_and_statistic(model, pixel_values_videos, feature_layer, select_strategy)
+    else:  # the statistic layer keeps its fast attention: these methods never read it
+        features, statistic = _video_features(model, pixel_values_videos, feature_layer, select_strategy), None
     video, token_slots, num_segments, elapsed_ms = _compressed_video(model, patch, features, statistic)
 
     embeddings = model.get_input_embeddings()(input_ids)
@@ -466,29 +509,34 @@ def _placeholder_run(input_ids: torch.Tensor, video_token_id: int) -> tuple[int,
     return start, end - start
 
 
+def pooled_grid(model: nn.Module, video_layout: str) -> tuple[int, int]:
+    """The (h, w) token grid of one pooled frame: bilinear pooling rounds up (27 → 14), average pooling with
+    stride 2 rounds down (27 → 13)."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    pooled = side // 2 if video_layout == "llava_video" else math.ceil(side / 2)
+    return pooled, pooled
+
+
 def _compressed_video(
-    model: nn.Module, patch: _LlavaPatch, features: torch.Tensor, statistic: torch.Tensor
+    model: nn.Module, patch: _LlavaPatch, features: torch.Tensor, statistic: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """The video's part of the LLM input in the patch's layout.
 
-    features (F, N, D), statistic (F, N) -> (video (V, D), slots of the M compressed tokens in it (M,),
+    features (F, N, D), statistic (F, N) or None -> (video (V, D), slots of the M compressed tokens in it (M,),
     segments, compression ms); the other V - M slots hold newline embeddings.
     """
-    frames, per_frame, dim = features.shape
-    if patch.config is None:
-        tokens = features.reshape(frames * per_frame, dim)
-        indices = torch.arange(frames * per_frame, device=features.device)
-        num_segments, elapsed_ms = 1, 0.0
-    else:
-        from flashvid_core import compress
-
-        _synchronize(features.device)
-        started = time.perf_counter()
-        compression = compress(features, statistic, patch.config)
-        _synchronize(features.device)
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        tokens, indices = compression.tokens, compression.indices
-        num_segments = len(compression.segment_lengths)
+    frames, per_frame, _ = features.shape
+    grid_hw = pooled_grid(model, patch.video_layout)
+    if grid_hw[0] * grid_hw[1] != per_frame:
+        raise RuntimeError(f"pooled frames have {per_frame} tokens, not the {grid_hw[0]}×{grid_hw[1]} grid expected")
+    _synchronize(features.device)
+    started = time.perf_counter()
+    compression = patch.method.compress(features, statistic, grid_hw, patch.config)
+    _synchronize(features.device)
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    tokens, indices = compression.tokens, compression.indices
+    num_segments = len(compression.segment_lengths)
     newline = model.model.image_newline.to(tokens.device, tokens.dtype)
     slots = torch.arange(tokens.shape[0], device=tokens.device)
     if patch.video_layout == "llava_video":

@@ -2,8 +2,16 @@
 
 Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `remove_flashvid`):
 
-    apply(model, config) -> model      # config: flashvid_core.FlashVIDConfig (or a mapping of its fields)
+    apply(model, config, method="flashvid", baseline_options=None) -> model
+        # config: flashvid_core.FlashVIDConfig (or a mapping of its fields; None only with method="none")
     remove(model) -> model             # the instance is stock again
+
+`method` (keyword): any of `flashvid_core.baselines.METHODS` (flashvid, fastv, visionzip, divprune, fastvid,
+uniform, random, none), run through the same plumbing at `config.retention_ratio`: the pre-LLM methods on the
+merged-token grid (grid_thw[1] / 2, grid_thw[2] / 2) in raster order; FastV and FlashVID prune inside the LLM as
+`llm_pruning_plan` says (FastV over all of the video's rows); "none" keeps every token. `baseline_options`: a
+mapping of `BaselineSettings` fields (typed or strings). An unknown method or option raises ValueError at apply
+time, before the model is touched.
 
 Only this instance changes: its inner `Qwen2_5_VLModel` gets a subclass whose forward compresses the video tokens
 of a prefill (spec section 7), hooks sit on the last vision block's attention (the statistic) and on the language
@@ -22,6 +30,7 @@ Calls without video (text, images) run the stock model; decoding continues the o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -66,9 +75,11 @@ FAMILY = _qwen_common.QwenFamily(
 )
 
 
-def apply(model: Any, config: Any) -> Any:
-    """Patch this Qwen2.5-VL instance with FlashVID `config`; returns the model."""
-    return _qwen_common.apply(model, config, FAMILY, {})
+def apply(
+    model: Any, config: Any, *, method: str = "flashvid", baseline_options: Mapping[str, Any] | None = None
+) -> Any:
+    """Patch this Qwen2.5-VL instance to compress videos with `method` at `config`'s retention ratio; returns it."""
+    return _qwen_common.apply(model, config, FAMILY, {}, method, baseline_options)
 
 
 def remove(model: Any) -> Any:

@@ -2,7 +2,7 @@
 
 Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `remove_flashvid`):
 
-    apply(model, config, drop_vision_delimiters=False) -> model
+    apply(model, config, drop_vision_delimiters=False, method="flashvid", baseline_options=None) -> model
     remove(model) -> model
 
 As Qwen2.5-VL (`qwen2_5_vl.py`, plumbing in `_qwen_common.py`), with Qwen3-VL's differences:
@@ -16,6 +16,9 @@ As Qwen2.5-VL (`qwen2_5_vl.py`, plumbing in `_qwen_common.py`), with Qwen3-VL's 
   row) and passed with the matching `visual_pos_masks`. If the pruning layer K comes before the last deepstack
   layer, the deepstack additions after K are gathered at the kept positions too.
 
+`method` and `baseline_options` (keywords) choose FlashVID or a baseline exactly as for Qwen2.5-VL (see
+`qwen2_5_vl.py`); FastV's visual set is every (non-contiguous) video row.
+
 `drop_vision_delimiters=True` (off by default) also drops the `<|vision_start|>`/`<|vision_end|>` tokens around
 the video frames, as the official Qwen3-VL code does; off, the identity setting reproduces the stock logits.
 """
@@ -23,6 +26,7 @@ the video frames, as the official Qwen3-VL code does; off, the identity setting 
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -72,11 +76,19 @@ def _pruned_deepstack_process(
     return type(self)._deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds)
 
 
-def apply(model: Any, config: Any, drop_vision_delimiters: bool = False) -> Any:
-    """Patch this Qwen3-VL instance with FlashVID `config`; returns the model."""
+def apply(
+    model: Any,
+    config: Any,
+    drop_vision_delimiters: bool = False,
+    *,
+    method: str = "flashvid",
+    baseline_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Patch this Qwen3-VL instance to compress videos with `method` at `config`'s retention ratio; returns it."""
     if not isinstance(drop_vision_delimiters, bool):
         raise ValueError(f"drop_vision_delimiters={drop_vision_delimiters!r} is invalid: expected True or False")
-    _qwen_common.apply(model, config, FAMILY, {"drop_vision_delimiters": drop_vision_delimiters})
+    options = {"drop_vision_delimiters": drop_vision_delimiters}
+    _qwen_common.apply(model, config, FAMILY, options, method, baseline_options)
     language_model = model.model.language_model
     # instance attribute: only this model's text model routes deepstack additions through the gather
     language_model._flashvid_deepstack_state = getattr(model, PATCH_ATTR)
