@@ -200,6 +200,25 @@ def test_llm_receives_the_method_budget(case: Callable[[str], Case], family: str
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_generation_keeps_the_pruned_cache(case: Callable[[str], Case], family: str) -> None:
+    current = case(family)
+    current.apply(config_for(current), method="fastv", baseline_options=BASELINE_OPTIONS)
+    steps = 3
+    with torch.no_grad(), _recorded(current.model) as (calls, lengths):
+        output = current.model.generate(**current.inputs, max_new_tokens=steps, min_new_tokens=steps,
+                                        do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    stats = current.model.flashvid_stats
+    prefill = calls[0]["inputs_embeds"].shape[1]
+    pruned = prefill - stats.visual_tokens_compressed + stats.visual_tokens_after_pruning
+    layer = BASELINE_OPTIONS["fastv_layer"]
+    cache = output.past_key_values
+    cached = [cache.get_seq_length(index) for index in range(current.num_llm_layers)]
+    assert cached == [prefill + steps - 1] * layer + [pruned + steps - 1] * (current.num_llm_layers - layer)
+    assert lengths[current.num_llm_layers :] == [1] * (steps - 1) * current.num_llm_layers  # one token per step
+    assert output.sequences.shape[1] == current.inputs["input_ids"].shape[1] + steps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_flashvid_method_is_the_default_patch(case: Callable[[str], Case], family: str) -> None:
     current = case(family)
     config = config_for(current, pruning_layer=2, llm_retention_ratio=0.5)  # inner pruning on

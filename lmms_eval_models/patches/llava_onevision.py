@@ -39,10 +39,11 @@ How it works, for one model instance only (other instances of the class are unto
 - `generate` keeps tracking the original (longer) `input_ids` / `attention_mask` / positions. Decoding calls that
   continue the cache filled by a FlashVID prefill are translated back onto the shortened sequence; the state is
   per instance and replaced at every prefill.
-- Inner-LLM pruning (FlashVID when `config.pruning_layer` lies inside the LLM, FastV) goes through
-  `llm_pruning.attach_llm_pruning` on this instance's decoder layers. Its visual tokens are the M compressed tokens; the newline embeddings count
-  as text (for the OneVision layout this is the official span [start, start + M)); from layer K on,
-  ceil(M · llm_retention_ratio) of them remain, and the layers >= K cache only the pruned sequence.
+- Inner-LLM pruning (FlashVID when `config.pruning_layer` lies inside the LLM; FastV) goes through
+  `llm_pruning.attach_llm_pruning` on this instance's decoder layers. Its visual tokens are the M compressed
+  tokens (all F·N for FastV); the newline embeddings count as text (for the OneVision layout this is the
+  official span [start, start + M)); from layer K on, ceil(M · llm_retention_ratio) of them remain, and the
+  layers >= K cache only the pruned sequence.
 - `model.flashvid_stats` (a `FlashVIDStats`, None before the first video call) describes the last video prefill:
   visual_tokens_in = F·N pooled tokens, visual_tokens_compressed = M, visual_tokens_after_pruning = the visual
   tokens left from layer K on (M without pruning), newline embeddings not counted; num_segments; compression_ms
@@ -84,7 +85,7 @@ VIDEO_LAYOUTS: tuple[str, ...] = ("onevision", "llava_video")
 SUPPORTED_CLASS = "LlavaOnevisionForConditionalGeneration"
 STATS_ATTR = "flashvid_stats"
 
-__all__ = ["SUPPORTED_CLASS", "VIDEO_LAYOUTS", "apply", "remove"]
+__all__ = ["SUPPORTED_CLASS", "VIDEO_LAYOUTS", "apply", "pooled_grid", "remove"]
 
 
 # --------------------------------------------------------------------------------------------- patch state
