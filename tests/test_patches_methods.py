@@ -268,6 +268,7 @@ def test_none_is_the_stock_model(case: Callable[[str], Case], family: str) -> No
     assert torch.equal(result.logits, expected)
     stats = current.model.flashvid_stats
     assert stats.visual_tokens_in == stats.visual_tokens_compressed == stats.visual_tokens_after_pruning
+    assert stats.compression_ms == 0.0  # nothing compressed, as an unpatched run reports
     assert not _statistic_computed(current)
     # no config at all is the same vanilla run
     current.apply(None, method="none")

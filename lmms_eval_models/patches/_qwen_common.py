@@ -565,7 +565,7 @@ def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]
         state.family.has_deepstack,
     )
     _synchronize(embeds.device)
-    compression_ms = (time.perf_counter() - started) * 1000.0
+    compression_ms = (time.perf_counter() - started) * 1000.0 if state.method.compresses else 0.0
 
     # positions of the stock model at the kept rows (3-D M-RoPE), plus contiguous text positions in front
     given = call.get("position_ids")

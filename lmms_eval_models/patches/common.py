@@ -74,6 +74,11 @@ class MethodPlan:
     def needs_statistic(self) -> bool:
         return self.method in STATISTIC_METHODS
 
+    @property
+    def compresses(self) -> bool:
+        """False for "none": its tokens pass unchanged, and it reports 0 ms of compression as unpatched runs do."""
+        return self.method != "none"
+
     def compress(self, features: Any, statistic: Any, grid_hw: tuple[int, int], config: Any) -> Any:
         """One video's Compression: features (F, N, D), statistic (F, N) or None, grid_hw (h, w) with h·w = N."""
         from flashvid_core.baselines import compress_with_method

@@ -535,7 +535,7 @@ def _compressed_video(
     started = time.perf_counter()
     compression = patch.method.compress(features, statistic, grid_hw, patch.config)
     _synchronize(features.device)
-    elapsed_ms = (time.perf_counter() - started) * 1e3
+    elapsed_ms = (time.perf_counter() - started) * 1e3 if patch.method.compresses else 0.0
     tokens, indices = compression.tokens, compression.indices
     num_segments = len(compression.segment_lengths)
     newline = model.model.image_newline.to(tokens.device, tokens.dtype)
