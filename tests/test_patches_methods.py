@@ -199,6 +199,32 @@ def test_llm_receives_the_method_budget(case: Callable[[str], Case], family: str
     assert _statistic_computed(current) == (method in ("visionzip", "fastvid"))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_uniform_pools_the_raster_grid(case: Callable[[str], Case], family: str) -> None:
+    from flashvid_core.baselines import compress_with_method
+    from lmms_eval_models.patches._qwen_common import video_compression_inputs
+
+    current = case(family)
+    current.apply(config_for(current), method="uniform")
+    result = forward(current)
+    ((features, statistic),) = video_compression_inputs(
+        current.model, current.inputs["pixel_values_videos"], current.inputs["video_grid_thw"]
+    )
+    assert statistic is None  # uniform never reads it
+    height, width = current.grid_hw
+    assert height != width
+    expected = compress_with_method("uniform", features, None, RETENTION_RATIO, (height, width))
+    ids = current.inputs["input_ids"][0]
+    is_video = ids == current.model.config.video_token_id
+    video_rows = torch.nonzero(is_video).flatten()
+    source = torch.sort(torch.cat([torch.nonzero(~is_video).flatten(), video_rows[expected.indices]])).values
+    received = result.llm_inputs[0, torch.isin(source, video_rows)]
+    assert torch.equal(received, expected.tokens)
+    # the same raster tokens read as a (w, h) grid pool other windows
+    misread = compress_with_method("uniform", features, None, RETENTION_RATIO, (width, height))
+    assert not torch.allclose(received, misread.tokens)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fastv_generation_keeps_the_pruned_cache(case: Callable[[str], Case], family: str) -> None:
     current = case(family)
