@@ -381,12 +381,18 @@ def _features(output: Any) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]
     if hasattr(output, "pooler_output"):  # 5.x: a ModelOutput
         embeds = list(output.pooler_output)
         deepstack = getattr(output, "deepstack_features", None)
-        return embeds, [list(layer) for layer in deepstack] if deepstack is not None else None
+        return embeds, _per_item_layers(deepstack, embeds) if deepstack is not None else None
     if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):  # 4.57 Qwen3-VL
         embeds = list(output[0])
-        sizes = [item.shape[0] for item in embeds]
-        return embeds, [list(torch.split(layer, sizes)) for layer in output[1]]
+        return embeds, _per_item_layers(output[1], embeds)
     return list(output), None  # 4.57 Qwen2.5-VL: a tuple of per-item tensors
+
+
+def _per_item_layers(deepstack: list[Any], embeds: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Deepstack features per layer, per item: 4.57 and some 5.x releases (5.17) give each layer as one tensor
+    over all items, later ones (5.23) already split; a tensor is split like the items' embeddings."""
+    sizes = [item.shape[0] for item in embeds]
+    return [list(torch.split(layer, sizes)) if torch.is_tensor(layer) else list(layer) for layer in deepstack]
 
 
 def _rope_index(inner: nn.Module, call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

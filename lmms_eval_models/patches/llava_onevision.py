@@ -29,13 +29,16 @@ sets the baselines' parameters. An unknown method or option raises ValueError at
 How it works, for one model instance only (other instances of the class are untouched):
 
 - The model's class is swapped for a subclass whose `forward` intercepts calls that carry `pixel_values_videos`:
-  it runs the stock `get_video_features` (so the projector and pooling are transformers' own), takes the
-  attention statistic from the last *used* SigLIP layer, compresses with the method, replaces the
-  whole run of video placeholders by the compressed tokens and newline(s), and calls the stock `forward` with
-  `inputs_embeds`, a matching attention mask and contiguous positions 0..L'-1 of the shortened sequence.
+  it runs the stock `get_video_features` (so the projector is transformers' own; the inner model's pooling is
+  swapped for the layout's, which for "onevision" is transformers' bilinear pooling, bit-identical, computed on
+  the channels-last view), takes the attention statistic from the last *used* SigLIP layer, compresses with the
+  method, replaces the whole run of video placeholders by the compressed tokens and newline(s), and calls the
+  stock `forward` with `inputs_embeds`, a matching attention mask and contiguous positions 0..L'-1 of the
+  shortened sequence.
 - Only that one SigLIP attention module computes attention probabilities (its class is swapped too, and it
   computes them only while a FlashVID call is running, and only for the methods that read the statistic:
-  flashvid, visionzip, fastvid); all other vision layers keep their fast implementation.
+  flashvid, visionzip, fastvid). Its output still comes from its own (fast) attention implementation; the
+  statistic is computed beside it from the query/key projections, in query chunks of bounded memory.
 - `generate` keeps tracking the original (longer) `input_ids` / `attention_mask` / positions. Decoding calls that
   continue the cache filled by a FlashVID prefill are translated back onto the shortened sequence; the state is
   per instance and replaced at every prefill.
@@ -166,8 +169,7 @@ def apply(
     setattr(model, PATCH_ATTR, _LlavaPatch(config=config, video_layout=video_layout, method=plan, pruner=pruner))
     model.__dict__[STATS_ATTR] = None
     swap_class(model, _flashvid_model_class)
-    if video_layout == "llava_video":
-        swap_class(model.model, _average_pooling_class)
+    swap_class(model.model, functools.partial(_pooling_class, video_layout=video_layout))
     return model
 
 
@@ -244,12 +246,18 @@ def _flashvid_model_class(original: type) -> type:
 
 
 @functools.cache
-def _average_pooling_class(original: type) -> type:
-    """Subclass of the inner `LlavaOnevisionModel` whose video pooling is LLaVA-Video's average pooling."""
+def _pooling_class(original: type, video_layout: str) -> type:
+    """Subclass of the inner `LlavaOnevisionModel` whose video pooling is the layout's, computed channels-last.
+
+    "onevision": transformers' bilinear pooling, bit-identical, but on the channels-last view of the features:
+    the stock method first copies them channels-first, which makes the interpolation itself far slower on GPU.
+    "llava_video": LLaVA-Video's 2×2 average pooling.
+    """
+    pool = bilinear_pool_half if video_layout == "onevision" else average_pool_stride2
 
     def apply_pooling(self: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        return average_pool_stride2(image_features, side, side)
+        return pool(image_features, side, side)
 
     return type(
         original.__name__, (original,), {"apply_pooling": apply_pooling, "__module__": original.__module__}
@@ -258,17 +266,19 @@ def _average_pooling_class(original: type) -> type:
 
 @functools.cache
 def _statistic_attention_class(original: type) -> type:
-    """Subclass of a SigLIP attention module that, while armed, also returns FlashVID's attention statistic."""
+    """Subclass of a SigLIP attention module that, while armed, also records FlashVID's attention statistic.
+
+    The module's own (fast) attention computes its output either way; the statistic is computed beside it.
+    """
 
     def forward(
         self: nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any
     ) -> Any:
+        outputs = original.forward(self, hidden_states, attention_mask, **kwargs)
         sink: list[torch.Tensor] | None = self.__dict__.get("_flashvid_sink")
-        if sink is None:
-            return original.forward(self, hidden_states, attention_mask, **kwargs)
-        output, received = attention_with_received(self, hidden_states, attention_mask)
-        sink.append(received)
-        return output, None
+        if sink is not None:
+            sink.append(attention_received(self, hidden_states, attention_mask))
+        return outputs
 
     return type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
 
@@ -302,33 +312,56 @@ def average_pool_stride2(features: torch.Tensor, height: int, width: int) -> tor
     return pooled.flatten(2).transpose(1, 2)
 
 
-def attention_with_received(
-    attention: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A SigLIP attention module's output, computed eagerly, and the attention each key token receives.
+def bilinear_pool_half(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """LLaVA-OneVision's spatial pooling: bilinear resize to ⌈height/2⌉×⌈width/2⌉ (27×27 → 14×14).
 
-    hidden_states (B, N, C) -> (output (B, N, C), received (B, N) float32): `received` is the softmax
-    probabilities averaged over heads and over query positions. Uses only the module's projections and sizes,
-    which are the same in every supported transformers version.
+    features (B, height·width, D) in raster order -> (B, ⌈height/2⌉·⌈width/2⌉, D), bit-identical to transformers'
+    `apply_pooling`. The (B, D, h, w) grid is left as a channels-last view instead of being copied channels-first:
+    the copy and the channels-first kernel dominate the stock pooling's time on GPU.
+    """
+    batch, _, dim = features.shape
+    grid = features.reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+    size = [math.ceil(height / 2), math.ceil(width / 2)]
+    pooled = nn.functional.interpolate(grid, size=size, mode="bilinear")
+    return pooled.permute(0, 2, 3, 1).reshape(batch, -1, dim)
+
+
+def attention_received(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_bytes: int = 1 << 28,
+) -> torch.Tensor:
+    """The attention each key token of a SigLIP attention module receives, averaged over heads and queries.
+
+    hidden_states (B, N, C), attention_mask None or additive (B or 1, 1, N or 1, N) -> received (B, N) float32.
+    Eager attention's probabilities (softmax in float32 of q·kᵀ·scale + mask), summed over heads and query
+    positions and divided by their count. The queries go in chunks of at most `max_bytes` of float32
+    probabilities, so the full (B, H, N, N) attention never exists. Uses only the module's projections and
+    sizes, which are the same in every supported transformers version.
     """
     batch, length, _ = hidden_states.shape
 
-    def heads(projection: nn.Module) -> torch.Tensor:
+    def heads(projection: nn.Module) -> torch.Tensor:  # (B, N, C) -> (B, H, N, d)
         return (
             projection(hidden_states)
             .view(batch, length, attention.num_heads, attention.head_dim)
             .transpose(1, 2)
         )
 
-    queries, keys, values = heads(attention.q_proj), heads(attention.k_proj), heads(attention.v_proj)
-    scores = torch.matmul(queries, keys.transpose(2, 3)) * attention.scale
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probabilities = scores.softmax(dim=-1, dtype=torch.float32)
-    received = probabilities.mean(dim=(1, 2))
-    mixed = torch.matmul(probabilities.to(values.dtype), values)
-    output = attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, -1).contiguous())
-    return output, received
+    queries, keys = heads(attention.q_proj), heads(attention.k_proj)
+    keys_t = keys.transpose(2, 3)
+    rows = max(1, max_bytes // (batch * attention.num_heads * length * 4))
+    received = torch.zeros(batch, length, dtype=torch.float32, device=hidden_states.device)
+    for first in range(0, length, rows):
+        scores = torch.matmul(queries[:, :, first : first + rows], keys_t) * attention.scale
+        if attention_mask is not None:
+            # a mask broadcast over queries has one row; otherwise take this chunk's rows
+            scores = scores + (
+                attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., first : first + rows, :]
+            )
+        received += scores.softmax(dim=-1, dtype=torch.float32).sum(dim=(1, 2))
+    return received / (attention.num_heads * length)
 
 
 def _vision_encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -364,16 +397,33 @@ def last_used_vision_layer(vision_feature_layer: int | list[int], num_layers: in
 
 
 def _video_features(
-    model: nn.Module, pixel_values_videos: torch.Tensor, feature_layer: Any, select_strategy: str
+    model: nn.Module, pixel_values_videos: torch.Tensor, feature_layer: Any, select_strategy: str, video_layout: str
 ) -> torch.Tensor:
     """Pooled, projected video features (F, N, D), the stock way (for methods that need no statistic)."""
     output = model.model.get_video_features(
         pixel_values_videos, vision_feature_layer=feature_layer, vision_feature_select_strategy=select_strategy
     )
-    if not torch.is_tensor(output):  # transformers 5: a ModelOutput whose pooler_output ends with the newline
-        output = output.pooler_output[:, :-1]
     frames = pixel_values_videos.shape[0] * pixel_values_videos.shape[1]
-    return output.reshape(frames, -1, output.shape[-1])
+    height, width = pooled_grid(model, video_layout)
+    return _per_frame_features(output, frames, height * width)
+
+
+def _per_frame_features(output: Any, frames: int, tokens: int) -> torch.Tensor:
+    """`get_video_features`' result as (F, N, D), whichever form this transformers version returns.
+
+    4.57 returns the features (1, F·N, D); 5.x a ModelOutput whose pooler_output holds them, with the newline
+    embedding appended as one more row in some 5.x releases (5.23) and not in others (5.17). The features are
+    always the first F·N rows, so they are taken by count rather than by guessing the version.
+    """
+    features = output if torch.is_tensor(output) else output.pooler_output
+    rows = features.reshape(-1, features.shape[-1])
+    expected = frames * tokens
+    if rows.shape[0] not in (expected, expected + 1):
+        raise RuntimeError(
+            f"get_video_features returned {rows.shape[0]} rows for {frames} frames of {tokens} pooled tokens; "
+            f"expected {expected} (or {expected + 1} with the newline embedding)"
+        )
+    return rows[:expected].view(frames, tokens, -1)
 
 
 def _features_and_statistic(
@@ -401,13 +451,10 @@ def _features_and_statistic(
     received = sink[0]  # (F, P) over SigLIP patches
     if select_strategy == "default":
         received = received[:, 1:]  # the features drop the first position in this strategy; so does A
-    statistic = inner.apply_pooling(received[..., None])[
-        ..., 0
-    ]  # the features' own pooling (bilinear or average)
+    # the features' own pooling (bilinear or average), on a one-channel map
+    statistic = inner.apply_pooling(received[..., None])[..., 0]
     frames, tokens = statistic.shape
-    if not torch.is_tensor(output):  # transformers 5: a ModelOutput whose pooler_output ends with the newline
-        output = output.pooler_output[:, :-1]
-    return output.reshape(frames, tokens, -1), statistic
+    return _per_frame_features(output, frames, tokens), statistic
 
 
 # ------------------------------------------------------------------------------------- video prefill
@@ -429,7 +476,8 @@ def _video_prefill(
     if patch.method.needs_statistic:
         features, statistic = _features_and_statistic(model, pixel_values_videos, feature_layer, select_strategy)
     else:  # the statistic layer keeps its fast attention: these methods never read it
-        features, statistic = _video_features(model, pixel_values_videos, feature_layer, select_strategy), None
+        features = _video_features(model, pixel_values_videos, feature_layer, select_strategy, patch.video_layout)
+        statistic = None
     video, token_slots, num_segments, elapsed_ms = _compressed_video(model, patch, features, statistic)
 
     embeddings = model.get_input_embeddings()(input_ids)
