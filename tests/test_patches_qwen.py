@@ -426,3 +426,35 @@ def test_manual_decoding_step_continues_the_compressed_cache(loaded, family):
         step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
     assert int(token) == int(generated.sequences[0, inputs["input_ids"].shape[1]])
     torch.testing.assert_close(step.logits[:, -1], generated.logits[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_statistic_with_query_slices_equals_the_whole_chunk(loaded, family, dtype):
+    """A budget below one chunk's attention slices its queries; the statistic stays the same (float tolerance)."""
+    from lmms_eval_models.patches._qwen_common import vision_attention_received
+
+    model, processor = loaded(family)
+    model = model.to(dtype)
+    inputs = video_inputs(processor, family)
+    attention = model.model.visual.blocks[-1].attn
+    calls: list[tuple[tuple, dict]] = []
+    handle = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.model.get_video_features(inputs["pixel_values_videos"].to(dtype), inputs["video_grid_thw"])
+    handle.remove()
+    ((args, kwargs),) = calls
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cu_seqlens, position_embeddings = kwargs["cu_seqlens"], kwargs["position_embeddings"]
+    chunk = int(cu_seqlens[1] - cu_seqlens[0])
+    with torch.no_grad():
+        whole = vision_attention_received(attention, hidden_states, cu_seqlens, position_embeddings)
+        sliced = vision_attention_received(
+            attention, hidden_states, cu_seqlens, position_embeddings, max_bytes=attention.num_heads * chunk * 4 * 3
+        )
+    assert chunk > 3  # the budget (3 query rows) is below one chunk's attention: the sliced path runs
+    assert sliced.shape == whole.shape and sliced.dtype == whole.dtype == dtype
+    tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    torch.testing.assert_close(sliced, whole, **tolerance)

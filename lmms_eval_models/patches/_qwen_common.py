@@ -93,7 +93,7 @@ def vision_attention_received(
     temporal patch group per chunk in the full-attention blocks). Returns (S,) in the activations' dtype.
     As the official code: q/k rotated in float32 and cast back, logits / sqrt(d), softmax in float32 cast back
     to the activations' dtype, mean over heads then over queries. Chunks of equal length are batched (at most
-    `max_bytes` of probabilities at a time).
+    `max_bytes` of probabilities at a time); a chunk over that budget on its own has its queries sliced instead.
     """
     length, _ = hidden_states.shape
     num_heads = attention.num_heads
@@ -108,6 +108,12 @@ def vision_attention_received(
     start = 0
     for chunk_length, count in _runs(chunk_lengths):
         per_chunk = num_heads * chunk_length * chunk_length * 4
+        if per_chunk > max_bytes:  # high-resolution frames: one chunk's full attention would exceed the budget
+            for index in range(count):
+                span = slice(start + index * chunk_length, start + (index + 1) * chunk_length)
+                received.append(_received_in_query_slices(query[span], key[span], max_bytes))
+            start += count * chunk_length
+            continue
         batch = max(1, min(count, max_bytes // max(per_chunk, 1)))
         for first in range(0, count, batch):
             size = min(batch, count - first)
@@ -119,6 +125,23 @@ def vision_attention_received(
             received.append(probs.to(q.dtype).mean(dim=1).mean(dim=1).flatten())
         start += count * chunk_length
     return torch.cat(received)
+
+
+def _received_in_query_slices(query: torch.Tensor, key: torch.Tensor, max_bytes: int) -> torch.Tensor:
+    """One attention chunk's statistic, its queries taken in slices of at most `max_bytes` of probabilities.
+
+    query, key (L, H, d) rotated -> (L,) in their dtype. The same per-query values as the unsliced path (softmax
+    in float32, cast back, mean over heads); the mean over queries is a float32 sum over slices divided by L.
+    """
+    length, num_heads, head_dim = query.shape
+    queries, keys_t = query.transpose(0, 1), key.transpose(0, 1).transpose(-1, -2)  # (H, L, d), (H, d, L)
+    rows = max(1, max_bytes // (num_heads * length * 4))
+    total = torch.zeros(length, dtype=torch.float32, device=query.device)
+    for first in range(0, length, rows):
+        logits = queries[:, first : first + rows] @ keys_t / math.sqrt(head_dim)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        total += probs.mean(dim=0).float().sum(dim=0)
+    return (total / length).to(query.dtype)
 
 
 def _runs(values: list[int]) -> Iterator[tuple[int, int]]:
