@@ -277,7 +277,8 @@ def _statistic_attention_class(original: type) -> type:
         outputs = original.forward(self, hidden_states, attention_mask, **kwargs)
         sink: list[torch.Tensor] | None = self.__dict__.get("_flashvid_sink")
         if sink is not None:
-            sink.append(attention_received(self, hidden_states, attention_mask))
+            with torch.no_grad():  # the statistic only steers token selection: no graph for its probabilities
+                sink.append(attention_received(self, hidden_states, attention_mask))
         return outputs
 
     return type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
