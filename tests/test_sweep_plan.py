@@ -32,6 +32,12 @@ FLASHVID_LLAVA = {"enable_flashvid": "True", "token_selection_method": "attn_div
                   "llm_retention_ratio": "0.3"}
 FLASHVID_QWEN = {**FLASHVID_LLAVA, "token_selection_method": "attn_div", "min_segment_num": "4"}
 VANILLA = {"enable_flashvid": "False"}
+# Baselines at the paper's App. C.1 settings: FastV K = 2 with r = R (its printed pruning ratio 1 - R); VisionZip
+# 54:10; FastVID c = 8, tau = 0.9, d = 0.4, p = 4, alpha = 0.6.
+FASTV_PAPER = {"method": "fastv", "fastv_layer": "2", "fastv_ratio_rule": "paper"}
+VISIONZIP = {"method": "visionzip", "visionzip_dominant": "54", "visionzip_contextual": "10"}
+FASTVID_PAPER = {"method": "fastvid", "fastvid_min_segments": "8", "fastvid_segment_threshold": "0.9",
+                 "fastvid_contextual_share": "0.4", "fastvid_anchor_step": "4", "fastvid_merging_factor": "0.6"}
 TASKS = "videomme_paper,egoschema,egoschema_subset,longvideobench_val_v_paper,mvbench"
 TASKS_MLVU = "videomme_paper,egoschema,egoschema_subset,longvideobench_val_v_paper,mlvu_test_paper"
 
@@ -41,14 +47,21 @@ EXPECTED = {
         "vanilla": {**OV, **VANILLA},
         "FlashVID retention_ratio=0.1": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1"},
         "FlashVID retention_ratio=0.25": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.25"},
-        "FastV retention_ratio=0.15": {**OV, "method": "fastv", "fastv_layer": "2", "retention_ratio": "0.15"},
-        "VisionZip retention_ratio=0.2": {**OV, "method": "visionzip", "visionzip_dominant": "54",
-                                          "visionzip_contextual": "10", "retention_ratio": "0.2"},
+        "FastV retention_ratio=0.25": {**OV, **FASTV_PAPER, "retention_ratio": "0.25"},
+        "FastV retention_ratio=0.15": {**OV, **FASTV_PAPER, "retention_ratio": "0.15"},
+        "VisionZip retention_ratio=0.2": {**OV, **VISIONZIP, "retention_ratio": "0.2"},
+        "VisionZip retention_ratio=0.1": {**OV, **VISIONZIP, "retention_ratio": "0.1"},
+        "FastVID retention_ratio=0.25": {**OV, **FASTVID_PAPER, "retention_ratio": "0.25"},
+        "FastVID retention_ratio=0.1": {**OV, **FASTVID_PAPER, "retention_ratio": "0.1"},
     }),
     "table1_llava_video": ("flashvid_llava_video", TASKS, 9, {
         "vanilla": {**VIDEO, **VANILLA},
         "FlashVID retention_ratio=0.2": {**VIDEO, **FLASHVID_LLAVA, "retention_ratio": "0.2"},
         "FlashVID retention_ratio=0.1": {**VIDEO, **FLASHVID_LLAVA, "retention_ratio": "0.1"},
+        "FastV retention_ratio=0.2": {**VIDEO, **FASTV_PAPER, "retention_ratio": "0.2"},
+        "FastV retention_ratio=0.1": {**VIDEO, **FASTV_PAPER, "retention_ratio": "0.1"},
+        "VisionZip retention_ratio=0.2": {**VIDEO, **VISIONZIP, "retention_ratio": "0.2"},
+        "FastVID retention_ratio=0.1": {**VIDEO, **FASTVID_PAPER, "retention_ratio": "0.1"},
     }),
     "table9_llava_video": ("flashvid_llava_video", TASKS, 9, {
         "vanilla": {**VIDEO, **VANILLA},
@@ -197,3 +210,24 @@ def test_slurm_plan_shows_the_job_settings(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "slurm via submitit (partition=gpu, gpus=8, time=720 min, num_processes=8)" in out
     assert "launch --num_processes 8" in out
+
+
+@pytest.mark.parametrize("sweep_file", sorted(path.name for path in SWEEPS.glob("*.yaml")))
+def test_every_run_passes_its_model_class_validation(sweep_file: str) -> None:
+    """Each run's --model_args, as lmms-eval parses them, are accepted by the suite's model class (nothing loads);
+    FastV runs also fit the paper's 28-layer LLMs (Qwen2-7B / Qwen2.5-7B)."""
+    from lmms_eval.models import get_model
+    from lmms_eval.utils import simple_parse_args_string
+
+    from flashvid_core.baselines import BaselineSettings, llm_pruning_plan
+    from lmms_eval_models.models.common import split_model_args
+    from lmms_eval_models.sweeps.spec import render_model_args
+
+    for run in load_sweep(SWEEPS / sweep_file).runs:
+        model_class = get_model(run.model)
+        parsed = simple_parse_args_string(render_model_args(run.model_args))
+        arguments = split_model_args(model_class.base_class, parsed, model_class.model_name,
+                                     model_class.suite_defaults)  # fmt: skip
+        if arguments.method == "fastv" and sweep_file.startswith("table"):
+            settings = BaselineSettings.from_options(arguments.baseline_options)
+            llm_pruning_plan("fastv", arguments.flashvid_config.retention_ratio, 28, settings)

@@ -6,12 +6,17 @@ Each family module subclasses lmms-eval's own class for that family and mixes `F
 
 The mixin replaces only loading (the base classes pick CUDA devices whenever several processes run, force
 `device_map="auto"` and swallow some errors) and wraps generation; prompting, video loading and decoding stay the
-base class's. Everything is validated before any weight is read: an unknown key or a bad FlashVID value raises a
-ValueError naming it.
+base class's. Everything is validated before any weight is read: an unknown key, a bad FlashVID or baseline value,
+or a `method` that contradicts `enable_flashvid` raises a ValueError naming it.
+
+Which compression runs: `method` (any of `flashvid_core.baselines.METHODS`, default `flashvid`) at the FlashVID
+config's `retention_ratio`, tuned by the baseline keys (`BaselineSettings` fields). `enable_flashvid=False` is the
+official scripts' vanilla switch and means `method=none`; see `resolve_method` for how the two combine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
@@ -26,6 +31,7 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from tqdm import tqdm
 
 ENABLE_KEY = "enable_flashvid"
+METHOD_KEY = "method"
 
 # The official scripts' FlashVID keys; the suite's opt-in variants come from FlashVIDConfig itself.
 OFFICIAL_FLASHVID_KEYS = (
@@ -65,6 +71,13 @@ def flashvid_key_names() -> tuple[str, ...]:
     return tuple(FlashVIDConfig.field_names())
 
 
+def baseline_key_names() -> tuple[str, ...]:
+    """The baseline methods' keys: the fields of `flashvid_core.baselines.BaselineSettings`."""
+    from flashvid_core.baselines import BaselineSettings
+
+    return tuple(field.name for field in dataclasses.fields(BaselineSettings))
+
+
 def parse_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -85,22 +98,57 @@ def unknown_key_error(key: str, allowed: Sequence[str], model_name: str) -> Valu
 
 @dataclass(frozen=True)
 class ModelArguments:
-    """`--model_args` split into the base class's settings, the FlashVID switch and the FlashVID config."""
+    """`--model_args` split into the base class's settings and the compression settings.
+
+    method: the compression method ("none" for vanilla); enable_flashvid: whether any method compresses (method is
+    not "none"); flashvid_config: the FlashVIDConfig whose retention_ratio sets every method's budget (None for
+    "none"); flashvid_args / baseline_options: the FlashVID and baseline keys as given (validated).
+    """
 
     base: dict[str, Any]
     enable_flashvid: bool
-    flashvid_config: Any  # flashvid_core.FlashVIDConfig, or None when FlashVID is off
+    flashvid_config: Any  # flashvid_core.FlashVIDConfig, or None when no method compresses
     flashvid_args: dict[str, Any] = field(default_factory=dict)
+    method: str = "flashvid"
+    baseline_options: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_method(model_args: Mapping[str, Any]) -> str:
+    """The method a run uses: `method` if given (default "flashvid"); `enable_flashvid=False` means "none".
+
+    `enable_flashvid` is the official scripts' vanilla switch and stays one: False alone is `method=none`, and
+    True alone the default FlashVID. Given together they must agree, so a run never does something other than one
+    of its keys says: `enable_flashvid=False` with a compressing method, or `enable_flashvid=True` with
+    `method=none`, is refused. `enable_flashvid=True` with a baseline method is fine (compression is on).
+    """
+    from flashvid_core.baselines import METHODS
+
+    enable = parse_bool(ENABLE_KEY, model_args.get(ENABLE_KEY, True))
+    if METHOD_KEY not in model_args:
+        return "flashvid" if enable else "none"
+    method = model_args[METHOD_KEY]
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{METHOD_KEY}={method!r} is invalid: allowed {', '.join(METHODS)}")
+    if ENABLE_KEY in model_args and enable != (method != "none"):
+        raise ValueError(
+            f"{ENABLE_KEY}={model_args[ENABLE_KEY]!r} conflicts with {METHOD_KEY}={method!r}: "
+            f"{ENABLE_KEY}=False means {METHOD_KEY}=none (vanilla); give only one of them"
+        )
+    return method
 
 
 def split_model_args(
     base_class: type, model_args: Mapping[str, Any], model_name: str, suite_defaults: Mapping[str, Any]
 ) -> ModelArguments:
-    """Validate `model_args` against the base class's signature and FlashVIDConfig, without loading anything.
+    """Validate `model_args` against the base class's signature, FlashVIDConfig and BaselineSettings, without
+    loading anything.
 
     Returns the base settings with the base class's defaults (overridden by `suite_defaults`, then the user's).
+    FlashVID and baseline keys are validated for every method, also those the method does not read, so a sweep
+    with a typo fails on its vanilla run too; a method ignores the other methods' keys.
     """
     from flashvid_core import FlashVIDConfig
+    from flashvid_core.baselines import BaselineSettings
 
     signature = inspect.signature(base_class.__init__)
     base_defaults = {
@@ -108,21 +156,44 @@ def split_model_args(
         for name, parameter in signature.parameters.items()
         if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     }
-    flashvid_keys = flashvid_key_names()
-    allowed = (*base_defaults, *SUITE_KEYS, ENABLE_KEY, *flashvid_keys)
+    flashvid_keys, baseline_keys = flashvid_key_names(), baseline_key_names()
+    allowed = (*base_defaults, *SUITE_KEYS, ENABLE_KEY, METHOD_KEY, *flashvid_keys, *baseline_keys)
     for key in model_args:
         if key not in allowed:
             raise unknown_key_error(key, allowed, model_name)
-    enable = parse_bool(ENABLE_KEY, model_args.get(ENABLE_KEY, True))
+    method = resolve_method(model_args)
     flashvid_args = {key: value for key, value in model_args.items() if key in flashvid_keys}
-    # Validated even when FlashVID is off, so a sweep with a typo fails on its vanilla run too.
     config = FlashVIDConfig.from_model_args(flashvid_args)
+    baseline_options = {key: value for key, value in model_args.items() if key in baseline_keys}
+    BaselineSettings.from_options(baseline_options)  # raises naming the bad key or value
     base = {**base_defaults, **suite_defaults}
     base.update(
         {key: value for key, value in model_args.items() if key in base_defaults or key in SUITE_KEYS}
     )
-    return ModelArguments(base=base, enable_flashvid=enable, flashvid_config=config if enable else None,
-                          flashvid_args=flashvid_args)  # fmt: skip
+    compresses = method != "none"
+    return ModelArguments(base=base, enable_flashvid=compresses, flashvid_config=config if compresses else None,
+                          flashvid_args=flashvid_args, method=method, baseline_options=baseline_options)  # fmt: skip
+
+
+def check_llm_depth(arguments: ModelArguments) -> None:
+    """FastV's layer K and kept share r depend on the LLM's depth: read it from the checkpoint's config (no
+    weights) so that `fastv_layer` beyond the LLM or a retention_ratio FastV cannot meet fails before loading.
+
+    Only FastV: the other methods are valid at any depth (FlashVID's pruning_layer beyond the LLM prunes nothing).
+    """
+    if arguments.method != "fastv":
+        return
+    from transformers import AutoConfig
+
+    from flashvid_core.baselines import BaselineSettings, llm_pruning_plan
+
+    base = arguments.base
+    options = {"revision": base["revision"]} if base.get("revision") else {}
+    config = AutoConfig.from_pretrained(base["pretrained"], trust_remote_code=bool(base.get("trust_remote_code")),
+                                        **options)  # fmt: skip
+    num_llm_layers = int(config.get_text_config().num_hidden_layers)
+    settings = BaselineSettings.from_options(arguments.baseline_options)
+    llm_pruning_plan("fastv", arguments.flashvid_config.retention_ratio, num_llm_layers, settings)
 
 
 def check_batch_size(batch_size: Any) -> None:
@@ -330,6 +401,7 @@ class FlashVIDModel:
         arguments = split_model_args(self.base_class, model_args, self.model_name, self.suite_defaults)
         check_batch_size(arguments.base.get("batch_size", 1))
         resolve_dtype(arguments.base.get("dtype"))
+        check_llm_depth(arguments)
         from lmms_eval.api.model import lmms
 
         lmms.__init__(self)  # not the base class's __init__: loading is ours (see the module docstring)
@@ -350,10 +422,15 @@ class FlashVIDModel:
         self._world_size = self.accelerator.num_processes
 
     def _apply_patches(self, arguments: ModelArguments) -> None:
-        if arguments.enable_flashvid or self.family_options:
-            from lmms_eval_models.patches import apply_flashvid
+        """`method=none` patches only where the family's layout needs it (LLaVA-Video), as vanilla runs always did."""
+        from lmms_eval_models.patches import apply_flashvid
 
-            apply_flashvid(self.model, arguments.flashvid_config, **self.family_options)
+        if arguments.method == "none":
+            if self.family_options:
+                apply_flashvid(self.model, None, method="none", **self.family_options)
+            return
+        apply_flashvid(self.model, arguments.flashvid_config, method=arguments.method,
+                       baseline_options=arguments.baseline_options, **self.family_options)  # fmt: skip
 
     def _video_token_ids(self) -> list[int]:
         config = self.model.config

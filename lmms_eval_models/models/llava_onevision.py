@@ -24,7 +24,7 @@ class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
     """LLaVA-OneVision: 32 uniformly sampled frames (`max_frames_num`), bilinear pooling, one newline at the end.
 
     Keys: the base class's (pretrained, max_frames_num, dtype, attn_implementation, chat_template, use_cache, ...),
-    `enable_flashvid` and the FlashVID keys.
+    `enable_flashvid`, `method`, the FlashVID keys and the baseline keys (docs/baselines.md).
     """
 
     model_name = "flashvid_llava_onevision"

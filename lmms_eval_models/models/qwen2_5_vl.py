@@ -14,7 +14,8 @@ class FlashVIDQwen2_5_VL(FlashVIDModel, Qwen2_5_VL):
     """Qwen2.5-VL through lmms-eval's prompting, qwen-vl-utils video loading and frame sampling.
 
     Keys: the base class's (pretrained, max_num_frames, min_pixels, max_pixels, fps, system_prompt, ...), `dtype`
-    (default bfloat16, as the base class hard-codes), `enable_flashvid` and the FlashVID keys.
+    (default bfloat16, as the base class hard-codes), `enable_flashvid`, `method`, the FlashVID keys and
+    the baseline keys (docs/baselines.md).
     """
 
     model_name = "flashvid_qwen2_5_vl"

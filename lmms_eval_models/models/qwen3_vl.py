@@ -15,7 +15,8 @@ class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
     """Qwen3-VL through lmms-eval's prompting, qwen-vl-utils video loading and frame sampling.
 
     Keys: the base class's (pretrained, max_num_frames, min_pixels, max_pixels, total_pixels, fps, ...), `dtype`
-    (default bfloat16, as the base class hard-codes), `enable_flashvid` and the FlashVID keys.
+    (default bfloat16, as the base class hard-codes), `enable_flashvid`, `method`, the FlashVID keys and
+    the baseline keys (docs/baselines.md).
     """
 
     model_name = "flashvid_qwen3_vl"
