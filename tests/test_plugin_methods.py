@@ -79,7 +79,8 @@ def assert_budget(results: dict, method: str, budget, num_segments: int | None =
     """Every sample (and the throughput means) logs the budget's visual tokens in, out and after pruning."""
     figures, answers = figures_and_answers(results)
     expected_out = budget.tokens_entering_llm
-    if method == "fastvid":  # the budget is an upper bound; one-frame segments (c = 8 >= frames) reach it exactly
+    # FastVID's budget is an upper bound; one-frame segments (c = 8 >= frames) reach it exactly
+    if method == "fastvid":
         expected_out = fastvid_token_count(torch.ones(budget.num_frames, dtype=torch.long),
                                            budget.num_tokens_per_frame, RETENTION_RATIO)  # fmt: skip
         assert expected_out == budget.tokens_entering_llm
@@ -130,7 +131,10 @@ def test_baseline_keys_reach_the_method(run, tiny_checkpoint) -> None:
     grid_hw, _ = llava_geometry(tiny_checkpoint("llava_onevision"))
     figures, _ = figures_and_answers(llava_run(run, method="fastv", fastv_ratio_rule="paper"))
     visual = LLAVA_FRAMES * grid_hw[0] * grid_hw[1]
-    assert [figure["visual_tokens_after_pruning"] for figure in figures] == [math.ceil(visual * RETENTION_RATIO)] * 3
+    kept = math.ceil(visual * RETENTION_RATIO)
+    assert [figure["visual_tokens_after_pruning"] for figure in figures] == [kept] * 3
+    per_layer, _ = figures_and_answers(llava_run(run, method="fastv"))
+    assert per_layer[0]["visual_tokens_after_pruning"] < kept
 
 
 @pytest.mark.slow  # end-to-end lmms-eval runs (about 1 s each once the checkpoint is built)
@@ -138,7 +142,8 @@ def test_baseline_keys_reach_the_method(run, tiny_checkpoint) -> None:
 def test_qwen2_5_vl_methods_log_their_budget(run, tiny_checkpoint, method: str) -> None:
     from transformers import AutoConfig
 
-    num_llm_layers = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_5_vl")).get_text_config().num_hidden_layers
+    config = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
+    num_llm_layers = config.get_text_config().num_hidden_layers
     budget = expected_budget(method, QWEN_GROUPS, QWEN_GRID, num_llm_layers)
     results = run("qwen2_5_vl", **QWEN_ARGS, **FLASHVID_ARGS, **BASELINE_ARGS, method=method)
     assert_budget(results, method, budget)
@@ -179,7 +184,9 @@ def test_bad_method_args_fail_before_loading(family: str, args: str, message: st
     [("method=fastv,fastv_layer=4,retention_ratio=0.75", r"fastv_layer=4 is out of range: allowed 1\.\.3"),
      ("method=fastv,fastv_layer=1,retention_ratio=0.2", r"retention_ratio=0\.2 is out of range for FastV")],
 )  # fmt: skip
-def test_fastv_is_checked_against_the_llm_depth_before_loading(args: str, message: str, tmp_path: Path) -> None:
+def test_fastv_is_checked_against_the_llm_depth_before_loading(
+    args: str, message: str, tmp_path: Path
+) -> None:
     """FastV's K and r depend on the LLM's depth (4 layers): read from config.json alone (no weights here)."""
     from lmms_eval_models.tiny_checkpoints import build_config
 
