@@ -122,7 +122,7 @@ def test_cpu_mode_prints_the_table_and_flashvid_speeds_up_the_llm(tmp_path: Path
     # Ratio measured in this run; generous against the shared CPU's noise (tokens drop about 8x).
     assert float(vanilla["llm_forward_ms"]) / float(flashvid["llm_forward_ms"]) > 1.5
     assert csv_path.with_suffix(".md").read_text().count("| ours |") == 2
-    # the table says where the vision path runs extra (eager) work for the attention statistic
+    # the table says where the vision path runs extra work for the attention statistic
     assert "statistic" in flashvid["vision_attention"] and "statistic" not in vanilla["vision_attention"]
 
 

@@ -171,20 +171,18 @@ def swapped_layers(modules: StageModules) -> int:
 def vision_attention_description(model: nn.Module, layers: int, swapped: int, hooked: int) -> str:
     """How the vision encoder's attention runs: its implementation, and where a patch adds statistic work.
 
-    A patch either swaps the class of the attention module it reads the statistic from (that layer then runs
-    eagerly: `swapped`), or hooks that module and computes the statistic beside the fast attention (`hooked`:
-    layers with more hooks patched than unpatched; transformers 5 itself hooks attention modules to record
-    outputs, so absolute counts say nothing).
+    A patch either swaps the class of the attention module it reads the statistic from (`swapped`) or hooks that
+    module (`hooked`: layers with more hooks patched than unpatched; transformers 5 itself hooks attention modules
+    to record outputs, so absolute counts say nothing). Both patches keep the layer on its own attention
+    implementation and compute the statistic in a separate chunked pass beside it.
     """
     vision_config = getattr(model.config, "vision_config", None)
     implementation = getattr(vision_config, "_attn_implementation", None) or "default"
     if implementation == "eager":
         return f"eager ×{layers} (eager everywhere)"
-    description = f"{implementation} ×{layers - swapped}"
-    if swapped:
-        description += f" + eager ×{swapped} (statistic)"
-    if hooked:
-        description += f" + statistic pass in {hooked} layer(s)"
+    description = f"{implementation} ×{layers}"
+    if swapped or hooked:
+        description += f" + statistic pass in {swapped + hooked} layer(s)"
     return description
 
 
