@@ -21,28 +21,11 @@ from typing import Any
 
 import torch
 
-SIGLIP_SO400M_384 = {  # google/siglip-so400m-patch14-384, last layer dropped as in the LLaVA-OneVision checkpoints
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "vision_use_head": False,
-}
-QWEN2_7B = {
-    "model_type": "qwen2",
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
+from lmms_eval_models.benchmarking.presets import QWEN2_7B_TEXT, SIGLIP_SO400M
+
+# The published LLaVA-OneVision-7B shapes, shared with flashvid-bench's presets.
+SIGLIP_SO400M_384 = SIGLIP_SO400M
+QWEN2_7B = {**QWEN2_7B_TEXT, "model_type": "qwen2"}
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 151646, 151647
 
 

@@ -15,34 +15,12 @@ import time
 
 import torch
 
-# Qwen2.5-VL-7B-Instruct's published architecture (config.json), weights replaced by random init.
-TEXT = {
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 128000,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-}
-VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "in_chans": 3,
-    "out_hidden_size": 3584,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "tokens_per_second": 2,
-    "hidden_act": "silu",
-}
+from lmms_eval_models.benchmarking.presets import QWEN2_5_7B_TEXT, QWEN2_5_VL_7B_VISION
+
+# Qwen2.5-VL-7B-Instruct's published architecture (config.json), shared with flashvid-bench's presets; weights
+# replaced by random init.
+TEXT = QWEN2_5_7B_TEXT
+VISION = {**QWEN2_5_VL_7B_VISION, "in_chans": 3}
 TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
           "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}  # fmt: skip
 MROPE_SECTION = [16, 24, 24]
