@@ -204,6 +204,12 @@ def plot_accuracy(ours: pd.DataFrame, paper_rows: Sequence[dict[str, Any] | None
         axis.set_xlabel("retention ratio R (%)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
+        # A flat panel (e.g. a random-weight smoke model scoring 0 everywhere) would get a 1e-17 offset axis.
+        axis.ticklabel_format(axis="y", useOffset=False, style="plain")
+        low, high = axis.get_ylim()
+        if high - low < 1.0:
+            middle = (low + high) / 2
+            axis.set_ylim(max(0.0, middle - 5.0), middle + 5.0)
     for axis in list(axes.flat)[len(columns):]:
         axis.set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
