@@ -5,5 +5,8 @@
 # Extra arguments go to `flashvid-sweep run` (e.g. --output-root /scratch/runs, --stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-flashvid-sweep run configs/sweeps/table13_threshold_llava_onevision.yaml "$@"
-flashvid-sweep run configs/sweeps/table13_threshold_llava_video.yaml "$@"
+# Both sweeps run even if one has failed runs; the script exits with the last failure's status.
+status=0
+flashvid-sweep run configs/sweeps/table13_threshold_llava_onevision.yaml "$@" || status=$?
+flashvid-sweep run configs/sweeps/table13_threshold_llava_video.yaml "$@" || status=$?
+exit "$status"

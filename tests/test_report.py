@@ -103,7 +103,10 @@ def test_benchmark_columns_from_task_names_and_metrics() -> None:
     assert benchmark_of("videomme", {}) == "videomme_overall"
     assert benchmark_of("videomme_smoke", {}) == "videomme_overall"
     assert benchmark_of("egoschema_subset", {"score,none": 0.5, "submission,none": []}) == "egoschema_subset"
-    assert benchmark_of("egoschema", {"submission,none": "path/to/submission.json"}) == "egoschema_total"
+    # lmms-eval 0.7.3: the full set's `submission` is the remote scorer's percentage (NaN from egoschema_paper
+    # when the scorer was unreachable); the subset logs an empty `submission` list beside its `score` fraction.
+    assert benchmark_of("egoschema", {"submission,none": 62.5, "submission_stderr,none": "N/A"}) == "egoschema_total"
+    assert benchmark_of("egoschema_paper", {"submission,none": float("nan")}) == "egoschema_total"
     assert benchmark_of("longvideobench_val_v", {}) == "longvideobench"
     assert benchmark_of("mvbench_action_count", {}) == "mvbench"
     assert benchmark_of("mlvu_test", {}) == "mlvu"
@@ -117,7 +120,7 @@ def test_fractions_become_percent_and_mvbench_is_the_mean_of_its_subtasks(tmp_pa
         "results": {
             "longvideobench_val_v": {"alias": "l", "lvb_acc,none": 0.5},
             "egoschema_subset": {"alias": "e", "score,none": 0.25, "submission,none": []},
-            "egoschema": {"alias": "t", "submission,none": []},
+            "egoschema_paper": {"alias": "t", "submission,none": float("nan"), "submission_stderr,none": "N/A"},
             "mvbench": {" ": " ", "alias": "mvbench"},
             "mvbench_a": {"alias": " - a", "mvbench_accuracy,none": 50.0},
             "mvbench_b": {"alias": " - b", "mvbench_accuracy,none": 70.0},
@@ -129,10 +132,24 @@ def test_fractions_become_percent_and_mvbench_is_the_mean_of_its_subtasks(tmp_pa
     scores = read_scores(tmp_path)
     assert scores["longvideobench"] == 50.0
     assert scores["egoschema_subset"] == 25.0
-    assert math.isnan(scores["egoschema_total"])  # evaluated, scored only by the remote server
+    assert math.isnan(scores["egoschema_total"])  # evaluated, but the remote scorer was unreachable
     assert scores["mvbench"] == 60.0
     # Avg falls back to the subset where the total is not scored, as documented.
     assert average(scores, ["egoschema_subset", "egoschema_total", "longvideobench", "mvbench"]) == pytest.approx(45.0)
+
+
+def test_egoschema_total_from_the_remote_scorer_is_already_percent(tmp_path: Path) -> None:
+    results = {
+        "results": {
+            "egoschema_subset": {"alias": "e", "score,none": 0.6, "submission,none": []},
+            "egoschema": {"alias": "t", "submission,none": 62.5, "submission_stderr,none": "N/A"},
+        },
+    }
+    (tmp_path / "lmms_eval").mkdir()
+    (tmp_path / "lmms_eval" / "x_results.json").write_text(json.dumps(results))
+    scores = read_scores(tmp_path)
+    assert scores["egoschema_total"] == 62.5
+    assert scores["egoschema_subset"] == 60.0
 
 
 def test_videomme_duration_split_counts_like_lmms_eval(tmp_path: Path) -> None:

@@ -38,8 +38,8 @@ FASTV_PAPER = {"method": "fastv", "fastv_layer": "2", "fastv_ratio_rule": "paper
 VISIONZIP = {"method": "visionzip", "visionzip_dominant": "54", "visionzip_contextual": "10"}
 FASTVID_PAPER = {"method": "fastvid", "fastvid_min_segments": "8", "fastvid_segment_threshold": "0.9",
                  "fastvid_contextual_share": "0.4", "fastvid_anchor_step": "4", "fastvid_merging_factor": "0.6"}
-TASKS = "videomme_paper,egoschema,egoschema_subset,longvideobench_val_v_paper,mvbench"
-TASKS_MLVU = "videomme_paper,egoschema,egoschema_subset,longvideobench_val_v_paper,mlvu_test_paper"
+TASKS = "videomme_paper,egoschema_paper,egoschema_subset,longvideobench_val_v_paper,mvbench"
+TASKS_MLVU = "videomme_paper,egoschema_paper,egoschema_subset,longvideobench_val_v_paper,mlvu_test_paper"
 
 # sweep file -> (lmms-eval model, tasks, number of runs, {run name: exact model_args})
 EXPECTED = {

@@ -99,3 +99,44 @@ def test_paper_variant_missing_video_names_the_path(tmp_path, evaluate, monkeypa
     _local_variant(tmp_path, "videomme_paper.yaml", "videomme_paper_local", "test", "videomme.jsonl")
     with pytest.raises(FileNotFoundError, match=r"empty/videomme/data/smoke000001\.mp4"):
         evaluate("dummy", "response=A,read_bytes=1", ["videomme_paper_local"], include_path=tmp_path)
+
+
+def test_egoschema_paper_records_nan_when_the_remote_scorer_is_unreachable(tmp_path, monkeypatch):
+    """lmms-eval's full-set EgoSchema aggregation raises offline (and lmms-eval then drops the whole run's
+    results); the suite's variant keeps the submission file and records NaN. Only the network is replaced."""
+    import json
+    import math
+    import types
+
+    import requests
+    from lmms_eval.tasks.egoschema import utils as egoschema_utils
+
+    from lmms_eval_models.tasks.paper import egoschema_aggregate_submission
+
+    def unreachable(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("no route to host")
+
+    monkeypatch.setattr(egoschema_utils.requests, "post", unreachable)
+    monkeypatch.setattr(egoschema_utils.time, "sleep", lambda seconds: None)
+    args = types.SimpleNamespace(output_path=str(tmp_path))
+    with pytest.warns(UserWarning, match="EgoSchema full set not scored"):
+        score = egoschema_aggregate_submission([{"vid_a": 1}, {"vid_b": 4}], args)
+    assert math.isnan(score)
+    (submission,) = (tmp_path / "submissions").glob("*.json")
+    assert json.loads(submission.read_text()) == {"vid_a": 1, "vid_b": 4}
+
+
+def test_egoschema_paper_passes_the_remote_score_through(tmp_path, monkeypatch):
+    import types
+
+    from lmms_eval.tasks.egoschema import utils as egoschema_utils
+
+    from lmms_eval_models.tasks.paper import egoschema_aggregate_submission
+
+    class Answer:
+        status_code = 200
+        text = "Total result: 3 correct, 1 wrong, 0 missing, 0 invalid, accuracy: 0.75"
+
+    monkeypatch.setattr(egoschema_utils.requests, "post", lambda *args, **kwargs: Answer())
+    args = types.SimpleNamespace(output_path=str(tmp_path))
+    assert egoschema_aggregate_submission([{"v": 1}], args) == 75.0

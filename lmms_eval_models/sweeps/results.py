@@ -20,8 +20,8 @@ BENCHMARK_COLUMNS = (
     "videomme_short", "videomme_medium", "videomme_long", "videomme_overall",
     "egoschema_subset", "egoschema_total", "longvideobench", "mvbench", "mlvu",
 )
-# Benchmarks whose lmms-eval score is a fraction in [0, 1].
-FRACTION_SCORES = ("longvideobench", "egoschema_subset", "egoschema_total")
+# Benchmarks whose lmms-eval score is a fraction in [0, 1] (EgoSchema's remote scorer already answers in percent).
+FRACTION_SCORES = ("longvideobench", "egoschema_subset")
 VIDEOMME_DURATIONS = ("short", "medium", "long")
 
 
@@ -30,13 +30,21 @@ def benchmark_of(task: str, metrics: Mapping[str, Any]) -> str | None:
     if task.startswith("videomme"):
         return "videomme_overall"
     if task.startswith("egoschema"):
-        # Scored offline only on the 500-question subset; the full set ("Total") only by a remote server, so a
-        # task with no numeric score is the full set (lmms-eval writes just a submission file for it).
-        return "egoschema_subset" if main_metric(metrics) is not None else "egoschema_total"
+        # The full set ("Total") is scored by EgoSchema's remote server through lmms-eval's `submission` metric
+        # (a percentage, or NaN from egoschema_paper when the server was unreachable); the 500-question subset
+        # (and the smoke task) offline through `score`, a fraction.
+        # lmms-eval also logs an empty `submission` list for the subset, so the full set is the task whose
+        # `submission` is a number.
+        full_set = any(key.split(",")[0] == "submission" and _is_number(value) for key, value in metrics.items())
+        return "egoschema_total" if full_set else "egoschema_subset"
     for prefix, column in (("longvideobench", "longvideobench"), ("mvbench", "mvbench"), ("mlvu", "mlvu")):
         if task.startswith(prefix):
             return column
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def main_metric(metrics: Mapping[str, Any]) -> float | None:
@@ -44,7 +52,7 @@ def main_metric(metrics: Mapping[str, Any]) -> float | None:
     for key, value in metrics.items():
         if "," not in key or "_stderr" in key or key.startswith("alias"):
             continue
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        if _is_number(value) and math.isfinite(value):
             return float(value)
     return None
 
