@@ -45,8 +45,14 @@ def event_relevance(features: Tensor, segment_lengths: Tensor | list[int] | None
                                              else segment_lengths)]
         ids = [segment for segment, length in enumerate(host_lengths) for _ in range(length)]
         segment_ids, lengths = int_tensors(features.device, ids, host_lengths)
-        sums = torch.zeros(len(host_lengths), frame_means.shape[1], dtype=torch.float32, device=features.device)
-        sums.index_add_(0, segment_ids, frame_means)
+        if features.is_cuda:
+            # index_add_ on CUDA sums in a nondeterministic order (it could flip near-tie picks between runs);
+            # a one-hot matrix product sums in a fixed order.
+            segments = torch.arange(len(host_lengths), device=features.device)
+            sums = (segments.unsqueeze(1) == segment_ids.unsqueeze(0)).to(torch.float32) @ frame_means
+        else:
+            sums = torch.zeros(len(host_lengths), frame_means.shape[1], dtype=torch.float32, device=features.device)
+            sums.index_add_(0, segment_ids, frame_means)
         means = sums / lengths.clamp_min(1).unsqueeze(-1).to(torch.float32)
         segment_mean = means[segment_ids]
     return torch.bmm(features, segment_mean.unsqueeze(-1)).squeeze(-1)
@@ -140,7 +146,7 @@ _GRAPH_CACHE_SIZE = 16
 
 def _greedy_cuda_graph(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_value: float) -> Tensor:
     """Replay a captured CUDA graph of `_greedy` for this shape (captured on first use, LRU-cached)."""
-    key = (distances.device, tuple(distances.shape), num_tokens, forbid_repick, picked_value)
+    key = (distances.device, distances.dtype, tuple(distances.shape), num_tokens, forbid_repick, picked_value)
     entry = _GRAPH_CACHE.pop(key, None)
     if entry is None:
         static_input = distances.clone()

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+import transformers  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
 
-transformers = pytest.importorskip("transformers")
-
-from lmms_eval_models.patches.llm_pruning import attach_llm_pruning  # noqa: E402
-from lmms_eval_models.tiny_checkpoints import llava_config, qwen2_5_vl_config, qwen3_vl_config  # noqa: E402
+from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
+from lmms_eval_models.tiny_checkpoints import llava_config, qwen2_5_vl_config, qwen3_vl_config
 
 LENGTH, VISUAL_START, VISUAL_LENGTH = 30, 4, 20
 PRUNING_LAYER, RATIO = 2, 0.3

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
 
-transformers = pytest.importorskip("transformers")
-
-from flashvid_core import FlashVIDConfig, compress  # noqa: E402
-from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid  # noqa: E402
-from lmms_eval_models.patches._qwen_common import video_compression_inputs  # noqa: E402
+from flashvid_core import FlashVIDConfig, compress
+from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid
+from lmms_eval_models.patches._qwen_common import video_compression_inputs
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 IMPLEMENTATIONS = ("eager", "sdpa")
@@ -458,3 +457,29 @@ def test_attention_statistic_with_query_slices_equals_the_whole_chunk(loaded, fa
     assert sliced.shape == whole.shape and sliced.dtype == whole.dtype == dtype
     tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
     torch.testing.assert_close(sliced, whole, **tolerance)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_reset_cache_reused_for_another_prompt_runs_stock(loaded, family):
+    """A cache object that served a FlashVID prefill, reset and reused for a text prompt, is not mistaken for a
+    continuation of the video prefill: the patched model answers exactly as the stock one."""
+    from transformers import DynamicCache
+
+    stock, processor = loaded(family)
+    patched, _ = loaded(family)
+    apply_flashvid(patched, COMPRESS)
+    cache = DynamicCache()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        patched(**video_inputs(processor, family), past_key_values=cache, use_cache=True)
+    cache.reset()
+    if cache.get_seq_length():  # 4.57's reset() zeroes the tensors but keeps their length; crop empties them
+        cache.crop(0)
+    assert cache.get_seq_length() == 0
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                         add_generation_prompt=True)
+    text_inputs = processor(text=[text], return_tensors="pt")
+    with torch.no_grad():
+        reused = patched(**text_inputs, past_key_values=cache, use_cache=True).logits
+        expected = stock(**text_inputs, past_key_values=DynamicCache(), use_cache=True).logits
+    assert torch.equal(reused, expected)

@@ -10,8 +10,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-transformers = pytest.importorskip("transformers")
-
+import transformers  # noqa: F401, E402  (a hard dependency: a broken install must fail, not skip)
 from test_patches_qwen import PRUNE, video_inputs  # noqa: E402
 
 from lmms_eval_models.patches import apply_flashvid  # noqa: E402

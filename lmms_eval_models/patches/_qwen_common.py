@@ -347,9 +347,25 @@ def _patched_forward(inner: nn.Module, stock_forward: Callable, args: tuple, kwa
         return _video_prefill(inner, state, call)
     cache = call.get("past_key_values")
     layout = state.layouts.get(cache) if cache is not None else None
+    if layout is not None and not _continues(layout, call):
+        # The cache object was reset or refilled since the FlashVID prefill: this call starts something else.
+        del state.layouts[cache]
+        layout = None
     if layout is not None:
         call = _translate_decode_call(inner, stock_forward, layout, call)
     return stock_forward(inner, **call)
+
+
+def _continues(layout: _DecodeLayout, call: dict[str, Any]) -> bool:
+    """Whether this call continues the cache a FlashVID prefill filled (and not a reset/reused cache object)."""
+    cached = call["past_key_values"].get_seq_length()
+    if cached < layout.compressed_length:
+        return False
+    mask = call.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        decoded = cached - layout.compressed_length
+        return mask.shape[1] == layout.original_length + decoded + _query_length(call)
+    return True
 
 
 # ------------------------------------------------------------------------------------- decoding
