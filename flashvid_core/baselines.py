@@ -28,6 +28,7 @@ from torch import Tensor
 from .clustering import dpc_knn
 from .config import FlashVIDConfig
 from .llm_pruning import llm_keep_positions
+from .merging import index_sum
 from .pipeline import Compression, compress, validate_inputs
 from .segmentation import segment_lengths as dyseg_segment_lengths
 from .selection import gather_tokens, select_tokens
@@ -724,8 +725,8 @@ def fastvid_compress(
 
     member_counts = torch.zeros(num_targets, dtype=torch.float32, device=device)
     member_counts.index_add_(0, joined, torch.ones_like(joined, dtype=torch.float32))
-    member_sums = torch.zeros(num_targets, dim, dtype=torch.float32, device=device)
-    member_sums.index_add_(0, joined, pool_tokens[member].float())
+    # index_add_ on CPU; a fixed-order sum on CUDA, whose index_add_ rounding varies run to run.
+    member_sums = index_sum(pool_tokens[member].float(), joined, num_targets)
     member_means = member_sums / member_counts.clamp(min=1).unsqueeze(-1)
     own_weight = (1.0 / (member_counts + 1)).clamp(min=settings.fastvid_merging_factor).unsqueeze(-1)
     contextual_tokens = (own_weight * target_tokens.float() + (1 - own_weight) * member_means).to(features.dtype)

@@ -6,7 +6,7 @@ segment only holds roots. The official aggregation is kept by default: a root's 
 tree divided by 1 + (number of its direct children).
 
 Instead of walking frames from last to first, the trees are resolved by pointer jumping (log2(F) gathers) and
-summed with one index_add.
+summed with one index_add (on CUDA, whose index_add order varies run to run, with a fixed-order segment sum).
 """
 
 from __future__ import annotations
@@ -92,13 +92,13 @@ def merge_decisions(
     segment_lengths: list[int],
     kept_per_frame_floor: int,
     layout: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     """Which tokens merge into their parent: max_sim > threshold, with the official lower bound on kept tokens.
 
     max_sim: (F, N). kept_per_frame_floor: (num_selected + num_merged), the per-frame budget. If a segment of L
     frames would keep fewer than floor * L tokens (selected tokens included), its threshold becomes the
     (L * N - floor * L)-th largest max_sim of the segment, clamped to >= -1 + 1e-6, still compared with a
-    strict '>'. Returns merged (F, N) bool and floor_used (S,) bool.
+    strict '>'. layout: frame_layout(segment_lengths) if the caller holds it. Returns merged (F, N) bool.
     """
     num_frames, num_tokens = max_sim.shape
     device = max_sim.device
@@ -122,8 +122,7 @@ def merge_decisions(
     # A floor asking to merge nothing (budget == N) keeps everything (the official code fails there).
     floor_threshold = torch.where(num_largest > 0, floor_threshold, torch.full_like(floor_threshold, math.inf))
     threshold = torch.where(floor_used, floor_threshold, threshold)
-    merged = max_sim > threshold[segment_of_frame].unsqueeze(-1)
-    return merged, floor_used
+    return max_sim > threshold[segment_of_frame].unsqueeze(-1)
 
 
 def limit_breadth(merged: Tensor, parent: Tensor, max_sim: Tensor, max_children: int) -> Tensor:
@@ -223,6 +222,33 @@ def _selection_graphs_enabled() -> bool:
     return selection.USE_CUDA_GRAPHS
 
 
+# Tests set this to run the CUDA summation branch on CPU (CPU callers otherwise keep the index_add_ path).
+_FIXED_ORDER_SUMS_ON_CPU = False
+
+
+def fixed_order_index_sum(values: Tensor, index: Tensor, num_rows: int) -> Tensor:
+    """out[r] = sum of values[i] over i with index[i] == r, in ascending i: the same result on every run.
+
+    values: (P, D); index: (P,) int64 in [0, num_rows). Returns (num_rows, D) in values' dtype (0 for rows that
+    nothing maps to). index_add_ on CUDA accumulates with atomics, so its float rounding varies run to run; here
+    a stable sort groups the rows and a segment reduction sums each group in order (no host sync: integer
+    index_add_ is exact in any order, and unsafe=True skips segment_reduce's length check, true by construction).
+    """
+    order = torch.argsort(index, stable=True)
+    group_sizes = torch.zeros(num_rows, dtype=torch.long, device=index.device)
+    group_sizes.index_add_(0, index, torch.ones_like(index))
+    return torch.segment_reduce(values[order], "sum", lengths=group_sizes, axis=0, unsafe=True)
+
+
+def index_sum(values: Tensor, index: Tensor, num_rows: int) -> Tensor:
+    """zeros(num_rows, D).index_add_(0, index, values) on CPU; fixed_order_index_sum on CUDA (deterministic)."""
+    if values.is_cuda or _FIXED_ORDER_SUMS_ON_CPU:
+        return fixed_order_index_sum(values, index, num_rows)
+    return torch.zeros(num_rows, *values.shape[1:], dtype=values.dtype, device=values.device).index_add_(
+        0, index, values
+    )
+
+
 def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tensor:
     """Root (global index f * N + n) of every token's tree, by pointer jumping. merged, parent: (F, N).
     Returns (F * N,) int64; a root points to itself."""
@@ -240,14 +266,13 @@ class TreeMerge:
     """TSTM result for a video. All (F, N) except where noted.
 
     merged: the token merged into its parent; sums: (F, N, D) float32, the sum over each root's tree; counts:
-    (F, N) float32, its divisor (only meaningful where roots & ~selected); floor_used: (S,) whether a segment's
-    lower bound replaced the threshold. A root's value is sums / counts (divide only the rows you need).
+    (F, N) float32, its divisor (only meaningful where roots & ~selected). A root's value is sums / counts
+    (divide only the rows you need).
     """
 
     merged: Tensor
     sums: Tensor
     counts: Tensor
-    floor_used: Tensor
 
     @property
     def root_values(self) -> Tensor:
@@ -269,6 +294,7 @@ def spatiotemporal_merge(
     normalized: Tensor | None = None,
     reuse_features_float32: bool = False,
     float32_sums: bool = False,
+    layout: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> TreeMerge:
     """TSTM over all segments of a video at once.
 
@@ -283,12 +309,13 @@ def spatiotemporal_merge(
     official frame-by-frame sums within float32 rounding). bf16/fp16 inputs are summed frame by frame in the
     input dtype (stepwise_root_values), rounding as the official code does, unless float32_sums (opt-in: one
     float32 sum per tree, faster and more accurate) or true_mean is set.
+    layout: frame_layout(segment_lengths, device) if the caller already holds it (saves a transfer).
     """
     num_frames, num_tokens, dim = features.shape
     device = features.device
-    layout = frame_layout(segment_lengths, device)
+    layout = layout if layout is not None else frame_layout(segment_lengths, device)
     max_sim, parent = temporal_parents(features, selected, layout[1], spatial_window, normalized)
-    merged, floor_used = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor, layout)
+    merged = merge_decisions(max_sim, temporal_threshold, segment_lengths, kept_per_frame_floor, layout)
     if max_breadth is not None:
         merged = limit_breadth(merged, parent, max_sim, max_breadth)
     if max_depth is not None:
@@ -300,7 +327,6 @@ def spatiotemporal_merge(
             merged=merged,
             sums=values,
             counts=torch.ones(num_frames, num_tokens, dtype=values.dtype, device=device),
-            floor_used=floor_used,
         )
     roots_of = tree_roots(merged, parent, max(segment_lengths, default=1))
     if features_float32 is not None:
@@ -309,9 +335,9 @@ def spatiotemporal_merge(
     else:
         flat = features.float().reshape(num_frames * num_tokens, dim)
         reusable = features.dtype != torch.float32  # .float() made a fresh copy
-    if flat.is_cuda:
-        # One index_add over all tokens (each root adds itself): no host sync for the merged tokens' positions.
-        sums = torch.zeros_like(flat).index_add_(0, roots_of, flat)
+    if flat.is_cuda or _FIXED_ORDER_SUMS_ON_CPU:
+        # One sum over all tokens (each root adds itself): no host sync for the merged tokens' positions.
+        sums = fixed_order_index_sum(flat, roots_of, num_frames * num_tokens)
     else:
         # Roots start from their own value; only the merged tokens are added (no zero fill, fewer adds).
         merged_index = torch.nonzero(merged.flatten()).flatten()
@@ -330,7 +356,6 @@ def spatiotemporal_merge(
         merged=merged,
         sums=sums.view(num_frames, num_tokens, dim),
         counts=counts.view(num_frames, num_tokens),
-        floor_used=floor_used,
     )
 
 

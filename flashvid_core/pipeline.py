@@ -16,7 +16,7 @@ from torch import Tensor
 from ._transfer import int_tensors
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
-from .merging import spatiotemporal_merge
+from .merging import frame_layout, spatiotemporal_merge
 from .segmentation import video_segment_lengths
 from .selection import select_tokens
 
@@ -129,11 +129,7 @@ def compress(
             f"expansion={config.expansion}) is larger than the frame's {num_tokens} tokens; lower retention_ratio "
             "or expansion"
         )
-    if num_merged > 0 and config.temporal_threshold >= 1.0:
-        raise ValueError(
-            f"temporal_threshold={config.temporal_threshold} lets no token merge, but {num_merged} merged tokens per "
-            "frame are budgeted (the official code divides by zero here): use temporal_threshold < 1 or alpha = 1"
-        )
+    # num_merged > 0 needs alpha < 1, and FlashVIDConfig refuses alpha < 1 with temporal_threshold >= 1.
 
     segment_lengths = video_segment_lengths(
         features, config.segment_threshold, config.min_segment_num, config.complementary_segment, config.do_segment
@@ -266,8 +262,8 @@ def _contextual_tokens(
     """TSTM then per-frame DPC-kNN. Returns token pieces, index pieces and tokens per segment."""
     num_frames, num_tokens, _ = features.shape
     device, dtype = features.device, features.dtype
-    (frame_length,) = int_tensors(device, [length for length in segment_lengths for _ in range(length)])
-    single_frame = frame_length == 1  # (F,) a one-frame segment passes ALL its tokens on (selected included)
+    layout = frame_layout(segment_lengths, device)  # one transfer, shared with TSTM
+    single_frame = layout[2] == 1  # (F,) a one-frame segment passes ALL its tokens on (selected included)
 
     if max(segment_lengths) > 1:
         tree = spatiotemporal_merge(
@@ -285,6 +281,7 @@ def _contextual_tokens(
             # The float32 copy is ours (not the caller's features) and selection is done with it.
             reuse_features_float32=features.dtype != torch.float32,
             float32_sums=config.tstm_float32_sums,
+            layout=layout,
         )
         passed = torch.where(single_frame.unsqueeze(-1), True, ~tree.merged & ~selected)
         values = _RootValues(tree.sums, tree.counts, dtype)
@@ -332,10 +329,10 @@ def _contextual_tokens(
         pieces_tokens.append(tokens.to(dtype))
         pieces_indices.append(indices)
     if pass_frames:
-        # Host-built flat positions of the passed tokens (no boolean-mask indexing, which would sync).
-        rows_list = [f for f in pass_frames for _ in range(passed_counts[f])]
-        slots_list = [j for f in pass_frames for j in range(passed_counts[f])]
-        rows, slots = int_tensors(device, rows_list, slots_list)
+        # Flat positions of the passed tokens from per-frame counts (no boolean-mask indexing, which would sync).
+        pass_index, pass_counts = int_tensors(device, pass_frames, [passed_counts[f] for f in pass_frames])
+        owner, slots = _ragged_slots(pass_counts, sum(passed_counts[f] for f in pass_frames))
+        rows = pass_index[owner]
         cols = token_order[rows, slots]
         pieces_tokens.append(values.gather(rows, cols).to(dtype))
         pieces_indices.append(rows * num_tokens + cols)
@@ -346,6 +343,16 @@ def _contextual_tokens(
         per_segment.append(sum(per_frame_out[offset : offset + length]))
         offset += length
     return pieces_tokens, pieces_indices, per_segment
+
+
+def _ragged_slots(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """For counts (R,) int64 on the device summing to total (a host int): owner (total,), the row each slot
+    belongs to, and slot (total,), its position 0..counts[r]-1 within that row; rows in order."""
+    rows = torch.arange(counts.numel(), device=counts.device)
+    owner = torch.repeat_interleave(rows, counts, output_size=total)
+    row_start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(total, device=counts.device) - row_start[owner]
+    return owner, slot
 
 
 class _RootValues:
@@ -383,11 +390,12 @@ def _cluster_frames(
     width = max(counts_list)
     max_clusters = max(cluster_list)
     offsets_list = [noise_offset[f] for f in frames] if noise_flat.numel() > 0 else [0] * len(frames)
-    # Slot j < K_i of row i, frame by frame: the centres in score order.
-    pick_list = [i * max_clusters + j for i, k in enumerate(cluster_list) for j in range(k)]
-    frame_index, counts, num_clusters, num_neighbours, offsets, pick = int_tensors(
-        device, frames, counts_list, cluster_list, neighbour_list, offsets_list, pick_list
+    frame_index, counts, num_clusters, num_neighbours, offsets = int_tensors(
+        device, frames, counts_list, cluster_list, neighbour_list, offsets_list
     )
+    # Slot j < K_i of row i, frame by frame: the centres in score order.
+    cluster_row, cluster_slot = _ragged_slots(num_clusters, sum(cluster_list))
+    pick = cluster_row * max_clusters + cluster_slot
     slots = torch.arange(width, device=device)
     used = slots.unsqueeze(0) < counts.unsqueeze(1)  # (C, n)
     local = token_order[frame_index, :width]  # (C, n) within-frame token indices

@@ -251,3 +251,65 @@ def test_stepwise_and_vectorised_tree_sums_agree():
     keep_rows = ~official.merged & ~selected
     assert torch.allclose(official.root_values[keep_rows].float(), fast.root_values[keep_rows].float(), atol=0.1,
                           rtol=2e-2)
+
+
+def test_fixed_order_index_sum_equals_index_add():
+    # The CUDA summation (stable sort by row + in-order segment sums) against the CPU index_add_.
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randn(200, 7, generator=generator)
+    index = torch.randint(0, 40, (200,), generator=generator)
+    index[index == 3] = 4  # a row nothing maps to sums to zero
+    expected = torch.zeros(45, 7).index_add_(0, index, values)
+    got = fc.merging.fixed_order_index_sum(values, index, 45)
+    assert got.shape == (45, 7)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(got[3], torch.zeros(7)) and torch.equal(got[40:], torch.zeros(5, 7))
+    # Each row sums its members in ascending position: bit-equal to a sequential float32 loop.
+    sequential = torch.zeros(45, 7)
+    for position in range(200):
+        sequential[index[position]] = sequential[index[position]] + values[position]
+    assert torch.equal(got, sequential)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_cuda_summation_branch_matches_the_cpu_path(monkeypatch, seed):
+    # The fixed-order branch that CUDA takes (TSTM tree sums, FastVID member sums), forced on CPU.
+    from flashvid_core.baselines import fastvid_compress
+
+    features, attention = LOOP.synthetic_video(8, 36, 16, "cpu", torch.float32, seed=seed)
+    config = fc.FlashVIDConfig(min_segment_num=2)
+    selected = torch.zeros(8, 36, dtype=torch.bool)
+    runs = []
+    for forced in (False, True):
+        monkeypatch.setattr(fc.merging, "_FIXED_ORDER_SUMS_ON_CPU", forced)
+        torch.manual_seed(seed)
+        runs.append((
+            fc.compress(features, attention, config),
+            fc.spatiotemporal_merge(features, selected, [3, 5], 0.3, 6),
+            fastvid_compress(features, attention, 0.5, generator=torch.Generator().manual_seed(seed)),
+        ))
+    (cpu, cpu_tree, cpu_fastvid), (forced, forced_tree, forced_fastvid) = runs
+    assert torch.equal(cpu.indices, forced.indices)
+    assert torch.allclose(cpu.tokens, forced.tokens, atol=1e-5)
+    assert torch.equal(cpu_tree.merged, forced_tree.merged) and cpu_tree.merged[1:].any()
+    assert torch.equal(cpu_tree.counts, forced_tree.counts)
+    roots = ~cpu_tree.merged  # only the roots' sums are meaningful (merged rows differ between the branches)
+    assert torch.allclose(cpu_tree.sums[roots], forced_tree.sums[roots], atol=1e-5)
+    assert torch.equal(cpu_fastvid.indices, forced_fastvid.indices)
+    assert torch.allclose(cpu_fastvid.tokens, forced_fastvid.tokens, atol=1e-5)
+
+
+def test_ragged_slots_and_frame_layout():
+    from flashvid_core.pipeline import _ragged_slots
+
+    counts = [3, 0, 2, 1]
+    owner, slot = _ragged_slots(torch.tensor(counts), sum(counts))
+    assert owner.tolist() == [r for r, k in enumerate(counts) for _ in range(k)]
+    assert slot.tolist() == [j for k in counts for j in range(k)]
+    empty_owner, empty_slot = _ragged_slots(torch.zeros(0, dtype=torch.long), 0)
+    assert empty_owner.numel() == 0 and empty_slot.numel() == 0
+    segment_of_frame, is_start, frame_length, lengths = fc.merging.frame_layout([2, 0, 3], torch.device("cpu"))
+    assert segment_of_frame.tolist() == [0, 0, 2, 2, 2]
+    assert is_start.tolist() == [True, False, True, False, False]
+    assert frame_length.tolist() == [2, 2, 3, 3, 3]
+    assert lengths.tolist() == [2, 0, 3]
