@@ -438,3 +438,26 @@ def run_smoke(*arguments: str) -> str:
 def test_gpu_smoke_7b_shaped_prefill() -> None:
     out = run_smoke("--frames", "32", "--repeats", "1")
     assert "visual_tokens_in=6272" in out and "speed-up" in out
+
+
+def test_a_config_mapping_is_accepted_like_the_qwen_patches(checkpoint: Callable[[str], Path]) -> None:
+    """A mapping of FlashVIDConfig fields is built into the config (as the Qwen patches do); other types are
+    refused."""
+    from dataclasses import asdict
+
+    path = checkpoint("onevision")
+    from_config, from_mapping = load(path, "sdpa"), load(path, "sdpa")
+    config = flashvid_config(from_config)
+    apply_flashvid(from_config, config)
+    apply_flashvid(from_mapping, asdict(config))
+    inputs = video_inputs(path)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = from_config(**inputs).logits
+        torch.manual_seed(0)
+        assert torch.equal(from_mapping(**inputs).logits, expected)
+    assert from_mapping.flashvid_stats.visual_tokens_compressed == from_config.flashvid_stats.visual_tokens_compressed
+    with pytest.raises(ValueError, match="retention_ratios"):
+        apply_flashvid(from_mapping, {"retention_ratios": 0.25})
+    with pytest.raises(TypeError, match="FlashVIDConfig"):
+        apply_flashvid(from_mapping, 0.25)

@@ -483,3 +483,50 @@ def test_a_reset_cache_reused_for_another_prompt_runs_stock(loaded, family):
         reused = patched(**text_inputs, past_key_values=cache, use_cache=True).logits
         expected = stock(**text_inputs, past_key_values=DynamicCache(), use_cache=True).logits
     assert torch.equal(reused, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_with_given_positions_sets_the_rope_deltas_for_decoding(loaded, family):
+    """A caller that passes the prompt's position ids to the video prefill, then decodes without positions,
+    continues this prompt's positions (not the rope deltas a previous prompt left): as `generate` does."""
+    from lmms_eval_models.patches._qwen_common import _rope_index
+
+    model, processor = loaded(family)
+    inputs = video_inputs(processor, family)
+    apply_flashvid(model, PRUNE)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        generated = model.generate(
+            **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        positions, deltas = _rope_index(model.model, dict(inputs))
+        model.model.rope_deltas = deltas + 1000  # what an earlier, longer prompt would have left behind
+        torch.manual_seed(0)
+        prefill = model(**inputs, position_ids=positions, use_cache=True)
+        token = prefill.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
+    assert torch.equal(model.model.rope_deltas.view(-1), deltas.view(-1).to(model.model.rope_deltas))
+    assert int(token) == int(generated.sequences[0, inputs["input_ids"].shape[1]])
+    torch.testing.assert_close(step.logits[:, -1], generated.logits[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_config_mapping_is_accepted_and_the_patch_class_is_reused(loaded, family):
+    """`apply` takes a mapping of FlashVIDConfig fields like the config itself (as the LLaVA patch does); the
+    inner model's patched class is made once per original class, not at every apply."""
+    from dataclasses import asdict
+
+    from_config, processor = loaded(family)
+    from_mapping, _ = loaded(family)
+    inputs = video_inputs(processor, family)
+    apply_flashvid(from_config, COMPRESS)
+    apply_flashvid(from_mapping, asdict(COMPRESS))
+    assert from_mapping.flashvid_stats is None
+    assert type(from_mapping.model) is type(from_config.model)
+    patched_class = type(from_mapping.model)
+    apply_flashvid(from_mapping, COMPRESS)  # re-applying swaps back and forth through the same class
+    assert type(from_mapping.model) is patched_class
+    assert torch.equal(logits(from_mapping, inputs), logits(from_config, inputs))
+    with pytest.raises(TypeError, match="FlashVIDConfig"):
+        apply_flashvid(from_mapping, 0.25)

@@ -33,6 +33,9 @@ def _family_module(model: Any):
 def apply_flashvid(model: Any, config: Any, **family_options: Any) -> Any:
     """Patch `model` (this instance only) to compress its video tokens with FlashVID `config`.
 
+    `config` is a `flashvid_core.FlashVIDConfig` or a mapping of its fields (built with `FlashVIDConfig.from_mapping`,
+    which names an unknown key) in every family; None only where the method needs no config ("none").
+
     `family_options` are passed to the family's `apply`: every family takes `method` (default "flashvid"; any of
     `flashvid_core.baselines.METHODS`, run at `config.retention_ratio`) and `baseline_options` (a mapping of
     `BaselineSettings` fields), LLaVA also `video_layout`, Qwen3-VL `drop_vision_delimiters`. An unknown method,

@@ -36,16 +36,21 @@ from torch import nn
 
 from lmms_eval_models.patches.common import (
     PATCH_ATTR,
+    STATS_ATTR,
     FlashVIDStats,
     MethodPlan,
     attach_planned_pruning,
+    bind_arguments,
+    check_supported_class,
+    coerce_config,
     plan_method,
     restore_class,
+    rotate_half,
     swap_class,
+    synchronize,
 )
 from lmms_eval_models.patches.llm_pruning import LLMPruner
 
-STATS_ATTR = "flashvid_stats"
 _STATE_ATTR = "_flashvid_state"  # on the inner Qwen*VLModel, the same object as PATCH_ATTR on the outer model
 
 # Arguments of the stock forward that the video prefill consumes itself; every other one goes to the language model.
@@ -75,11 +80,6 @@ class QwenFamily:
 # ------------------------------------------------------------------------------------- vision statistic
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def vision_attention_received(
     attention: nn.Module,
     hidden_states: torch.Tensor,
@@ -100,8 +100,8 @@ def vision_attention_received(
     qkv = attention.qkv(hidden_states).reshape(length, 3, num_heads, -1)
     query, key = qkv[:, 0], qkv[:, 1]  # (S, H, d)
     cos, sin = (table.unsqueeze(-2).float() for table in position_embeddings)
-    query = (query.float() * cos + _rotate_half(query.float()) * sin).to(qkv.dtype)
-    key = (key.float() * cos + _rotate_half(key.float()) * sin).to(qkv.dtype)
+    query = (query.float() * cos + rotate_half(query.float()) * sin).to(qkv.dtype)
+    key = (key.float() * cos + rotate_half(key.float()) * sin).to(qkv.dtype)
     head_dim = query.shape[-1]
     chunk_lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     received: list[torch.Tensor] = []
@@ -233,16 +233,6 @@ class QwenPatchState:
 # ------------------------------------------------------------------------------------- apply / remove
 
 
-def check_supported(model: Any, family: QwenFamily) -> None:
-    if not any(cls.__name__ == family.supported_class for cls in type(model).__mro__):
-        from lmms_eval_models.patches import FAMILY_MODULES
-
-        raise TypeError(
-            f"this patch supports {family.supported_class}, got {type(model).__name__}; supported model classes: "
-            f"{', '.join(sorted(FAMILY_MODULES))}"
-        )
-
-
 def apply(
     model: Any,
     config: Any,
@@ -251,14 +241,12 @@ def apply(
     method: str = "flashvid",
     baseline_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Patch one instance (see the family modules); everything is validated before the model is touched."""
-    check_supported(model, family)
-    from flashvid_core import FlashVIDConfig
+    """Patch one instance (see the family modules); everything is validated before the model is touched.
 
-    if isinstance(config, dict):
-        config = FlashVIDConfig.from_mapping(config)
-    if config is not None and not isinstance(config, FlashVIDConfig):  # None: plan_method says which need one
-        raise TypeError(f"config must be a flashvid_core.FlashVIDConfig, got {type(config).__name__}")
+    config: a `FlashVIDConfig`, a mapping of its fields (`FlashVIDConfig.from_mapping`), or None for method "none".
+    """
+    check_supported_class(model, family.supported_class)
+    config = coerce_config(config)  # None: plan_method says which methods need a config
     inner = model.model
     language_model = inner.language_model
     plan = plan_method(method, baseline_options, config, len(language_model.layers))
@@ -296,7 +284,11 @@ def remove(model: Any) -> Any:
     return model
 
 
+@functools.cache
 def _make_subclass(original: type) -> type:
+    """One subclass per original class, made once: re-applying or patching a second instance reuses it."""
+    video_features_signature = inspect.signature(original.get_video_features)
+
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return _patched_forward(self, original.forward, args, kwargs)
 
@@ -304,7 +296,7 @@ def _make_subclass(original: type) -> type:
         # also called on its own by 5.x `generate` before the prefill (`mm_encoder_outputs`): the statistic is
         # computed here and handed to the forward that receives these features
         state: QwenPatchState = getattr(self, _STATE_ATTR)
-        grid_thw = _bind(original.get_video_features, self, args, kwargs)["video_grid_thw"]
+        grid_thw = bind_arguments(video_features_signature, self, args, kwargs)["video_grid_thw"]
         _check_one_video(grid_thw)  # before any vision work (5.x generate encodes a batch's videos first)
         if not state.method.needs_statistic:  # the hook stays idle: these methods never read the statistic
             output = original.get_video_features(self, *args, **kwargs)
@@ -327,21 +319,9 @@ def _make_subclass(original: type) -> type:
 # ------------------------------------------------------------------------------------- forward
 
 
-def _bind(function: Callable, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by name (var-keyword ones flattened), whatever the transformers version's signature."""
-    signature = inspect.signature(function)
-    bound = signature.bind(module, *args, **kwargs)
-    arguments = dict(bound.arguments)
-    arguments.pop(next(iter(signature.parameters)))  # self
-    for name, parameter in signature.parameters.items():
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(name, {}))
-    return arguments
-
-
 def _patched_forward(inner: nn.Module, stock_forward: Callable, args: tuple, kwargs: dict) -> Any:
     state: QwenPatchState = getattr(inner, _STATE_ATTR)
-    call = _bind(stock_forward, inner, args, kwargs)
+    call = bind_arguments(inspect.signature(stock_forward), inner, args, kwargs)
     precomputed = call.get("mm_encoder_outputs") or {}
     if call.get("pixel_values_videos") is not None or precomputed.get("video") is not None:
         return _video_prefill(inner, state, call)
@@ -453,6 +433,16 @@ def _rope_index(inner: nn.Module, call: dict[str, Any]) -> tuple[torch.Tensor, t
     return inner.get_rope_index(input_ids, **kwargs)
 
 
+def _rope_deltas(positions: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(1, 1) rope deltas of a one-prompt position table (3, 1, L), as `get_rope_index` defines them in 4.57 and
+    5.x: the largest position of the attended tokens + 1 - their count."""
+    attended = torch.ones(positions.shape[-1], dtype=torch.bool, device=positions.device)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        attended = attention_mask[0].to(positions.device).bool()
+    delta = positions[:, 0, attended].max() + 1 - int(attended.sum())
+    return delta.long().view(1, 1)
+
+
 def _check_one_video(grid_thw: torch.Tensor | None) -> None:
     if grid_thw is not None and grid_thw.shape[0] != 1:
         raise ValueError(
@@ -528,11 +518,6 @@ def _build_layout(
     )
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _per_video_statistic(
     attention: torch.Tensor | None, frames: list[int], tokens_per_frame: list[int]
 ) -> list[torch.Tensor | None]:
@@ -594,7 +579,7 @@ def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]
         )
     video_positions = list(torch.split(placeholder_rows, [e.shape[0] for e in video_embeds]))
 
-    _synchronize(embeds.device)
+    synchronize(embeds.device)
     started = time.perf_counter()
     compressions = [
         state.method.compress(features.view(f, n, -1), scores, grid_hw, state.config)
@@ -609,13 +594,15 @@ def _video_prefill(inner: nn.Module, state: QwenPatchState, call: dict[str, Any]
         input_ids, embeds, video_positions, compressions, drop, config.image_token_id, image_count,
         state.family.has_deepstack,
     )
-    _synchronize(embeds.device)
+    synchronize(embeds.device)
     compression_ms = (time.perf_counter() - started) * 1000.0 if state.method.compresses else 0.0
 
     # positions of the stock model at the kept rows (3-D M-RoPE), plus contiguous text positions in front
     given = call.get("position_ids")
     if given is not None:
         full_positions = given[-3:] if given.dim() == 3 else given.unsqueeze(0).expand(3, -1, -1)
+        # the decoding calls after this prefill continue these positions (`_translate_decode_call`)
+        inner.rope_deltas = _rope_deltas(full_positions, call.get("attention_mask"))
     else:
         full_positions, rope_deltas = _rope_index(inner, call)
         inner.rope_deltas = rope_deltas

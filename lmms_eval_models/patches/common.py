@@ -3,12 +3,17 @@ plan (FlashVID or a baseline of `flashvid_core.baselines`) validated at apply ti
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 # Attribute set on a patched model instance; holds the family's patch state.
 PATCH_ATTR = "_flashvid_patch"
+# Attribute of a patched model instance holding the `FlashVIDStats` of its last video prefill (None before one).
+STATS_ATTR = "flashvid_stats"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,58 @@ def restore_class(module: Any) -> None:
     if original is not None:
         module.__class__ = original
         del module._flashvid_original_class
+
+
+def check_supported_class(model: Any, supported_class: str) -> None:
+    """TypeError unless `model` is (a subclass of) the class named `supported_class`, listing every supported one."""
+    if not any(cls.__name__ == supported_class for cls in type(model).__mro__):
+        from lmms_eval_models.patches import FAMILY_MODULES
+
+        raise TypeError(
+            f"this patch supports {supported_class}, got {type(model).__name__}; supported model classes: "
+            f"{', '.join(sorted(FAMILY_MODULES))}"
+        )
+
+
+def coerce_config(config: Any) -> Any:
+    """The `FlashVIDConfig` a family's `apply` runs with: a FlashVIDConfig as is, a mapping of its fields through
+    `FlashVIDConfig.from_mapping` (which names a bad key), None as None (each family says where None is allowed);
+    anything else is a TypeError."""
+    from flashvid_core import FlashVIDConfig
+
+    if isinstance(config, Mapping):
+        return FlashVIDConfig.from_mapping(config)
+    if config is not None and not isinstance(config, FlashVIDConfig):
+        raise TypeError(
+            f"config must be a flashvid_core.FlashVIDConfig, a mapping of its fields, or None, got {type(config).__name__}"
+        )
+    return config
+
+
+def bind_arguments(signature: inspect.Signature, module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A method call's arguments by name, positional ones included, without the bound instance (the signature's
+    first parameter) and with `**kwargs` flattened, whatever the transformers version's signature."""
+    bound = signature.bind(module, *args, **kwargs)
+    instance_name = next(iter(signature.parameters))
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif name != instance_name:
+            arguments[name] = value
+    return arguments
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding helper: (..., D) -> (..., D), the halves swapped and the new first half negated."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only), so a wall-clock interval covers the work it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------ methods

@@ -14,7 +14,8 @@ Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `re
   (27×27 → 13×13 = 169 per frame); each frame's (kept) tokens are followed by one newline embedding, also for a
   frame left with no token.
 
-`config` is a `flashvid_core.FlashVIDConfig`, or ``None`` for no compression at all: every token is kept and
+`config` is a `flashvid_core.FlashVIDConfig` (or a mapping of its fields, built with `FlashVIDConfig.from_mapping`
+as the Qwen patches do), or ``None`` for no compression at all: every token is kept and
 only the layout applies. ``apply(model, None, video_layout="llava_video")`` is therefore the paper's *vanilla*
 LLaVA-Video run (64 frames × (169 + 1) tokens); it is the same as ``method="none"``.
 
@@ -76,17 +77,21 @@ from torch import nn
 
 from lmms_eval_models.patches.common import (
     PATCH_ATTR,
+    STATS_ATTR,
     FlashVIDStats,
     MethodPlan,
     attach_planned_pruning,
+    bind_arguments,
+    check_supported_class,
+    coerce_config,
     plan_method,
     restore_class,
     swap_class,
+    synchronize,
 )
 
 VIDEO_LAYOUTS: tuple[str, ...] = ("onevision", "llava_video")
 SUPPORTED_CLASS = "LlavaOnevisionForConditionalGeneration"
-STATS_ATTR = "flashvid_stats"
 
 __all__ = ["SUPPORTED_CLASS", "VIDEO_LAYOUTS", "apply", "pooled_grid", "remove"]
 
@@ -154,8 +159,8 @@ def apply(
     Everything is validated before the model is touched. Re-applying replaces the previous settings. Returns
     the model.
     """
-    _check_model(model)
-    _check_config(config)
+    check_supported_class(model, SUPPORTED_CLASS)
+    config = coerce_config(config)
     if video_layout not in VIDEO_LAYOUTS:
         raise ValueError(f"video_layout must be one of {VIDEO_LAYOUTS}, got {video_layout!r}")
     if config is None and method == "flashvid":
@@ -175,7 +180,7 @@ def apply(
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply` on this instance: afterwards it computes exactly what the stock model computes."""
-    _check_model(model)
+    check_supported_class(model, SUPPORTED_CLASS)
     patch = getattr(model, PATCH_ATTR, None)
     if patch is not None and patch.pruner is not None:
         patch.pruner.remove()
@@ -187,25 +192,6 @@ def remove(model: nn.Module) -> nn.Module:
     model.__dict__.pop(PATCH_ATTR, None)
     model.__dict__.pop(STATS_ATTR, None)
     return model
-
-
-def _check_model(model: Any) -> None:
-    if not any(cls.__name__ == SUPPORTED_CLASS for cls in type(model).__mro__):
-        from lmms_eval_models.patches import FAMILY_MODULES
-
-        supported = ", ".join(sorted(FAMILY_MODULES))
-        raise TypeError(
-            f"FlashVID does not support {type(model).__name__}; supported model classes: {supported}"
-        )
-
-
-def _check_config(config: Any) -> None:
-    if config is None:
-        return
-    from flashvid_core import FlashVIDConfig
-
-    if not isinstance(config, FlashVIDConfig):
-        raise TypeError(f"config must be a flashvid_core.FlashVIDConfig or None, got {type(config).__name__}")
 
 
 # ------------------------------------------------------------------------------ instance-scoped classes
@@ -223,7 +209,7 @@ def _flashvid_model_class(original: type) -> type:
         patch: _LlavaPatch | None = getattr(self, PATCH_ATTR, None)
         if patch is None:
             return stock_forward(self, *args, **kwargs)
-        arguments = _named_arguments(signature, self, args, kwargs)
+        arguments = bind_arguments(signature, self, args, kwargs)
         if (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
             raise ValueError(
                 "FlashVID needs pixel_values_videos (it takes its attention statistic inside the vision tower), "
@@ -282,21 +268,6 @@ def _statistic_attention_class(original: type) -> type:
         return outputs
 
     return type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
-
-
-def _named_arguments(
-    signature: inspect.Signature, model: nn.Module, args: tuple, kwargs: dict
-) -> dict[str, Any]:
-    """All arguments of a forward call by name (positional ones included, `**kwargs` flattened)."""
-    bound = signature.bind(model, *args, **kwargs)
-    arguments: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(value)
-        elif name != "self":
-            arguments[name] = value
-    return arguments
 
 
 # -------------------------------------------------------------------------------- vision-side helpers
@@ -580,10 +551,10 @@ def _compressed_video(
     grid_hw = pooled_grid(model, patch.video_layout)
     if grid_hw[0] * grid_hw[1] != per_frame:
         raise RuntimeError(f"pooled frames have {per_frame} tokens, not the {grid_hw[0]}×{grid_hw[1]} grid expected")
-    _synchronize(features.device)
+    synchronize(features.device)
     started = time.perf_counter()
     compression = patch.method.compress(features, statistic, grid_hw, patch.config)
-    _synchronize(features.device)
+    synchronize(features.device)
     elapsed_ms = (time.perf_counter() - started) * 1e3 if patch.method.compresses else 0.0
     tokens, indices = compression.tokens, compression.indices
     num_segments = len(compression.segment_lengths)
@@ -609,11 +580,6 @@ def newline_per_frame(
     # token i is preceded by the newlines of all earlier frames, one each
     sequence[torch.arange(tokens.shape[0], device=tokens.device) + frame_of_token] = tokens
     return sequence
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _shorten_positions(arguments: dict[str, Any], start: int, run: int, video_len: int) -> None:

@@ -44,15 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmms_eval_models.patches.common import rotate_half
+
 __all__ = ["LLMPruner", "PrefillResult", "attach_llm_pruning", "last_query_attention"]
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _compose_mrope(attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +83,8 @@ def last_query_attention(
     query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, 1, d), (B, Hkv, L, d)
     cos, sin = _compose_mrope(attention, *position_embeddings)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    query = query * cos[:, :, -1:] + _rotate_half(query) * sin[:, :, -1:]
-    key = key * cos + _rotate_half(key) * sin
+    query = query * cos[:, :, -1:] + rotate_half(query) * sin[:, :, -1:]
+    key = key * cos + rotate_half(key) * sin
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query attention
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
