@@ -30,6 +30,8 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from tqdm import tqdm
 
+from lmms_eval_models.patches.common import synchronize
+
 ENABLE_KEY = "enable_flashvid"
 METHOD_KEY = "method"
 
@@ -258,11 +260,6 @@ class CallProbe:
     error: BaseException | None = None
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device:
     for value in (*args, *kwargs.values()):
         if torch.is_tensor(value):
@@ -297,13 +294,13 @@ class GenerateInstrument:
 
     def _before_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         if self.probe is not None and self.probe.prefill_started is None:
-            _synchronize(_first_tensor_device(args, kwargs))
+            synchronize(_first_tensor_device(args, kwargs))
             self.probe.prefill_started = time.perf_counter()
 
     def _after_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         probe = self.probe
         if probe is not None and probe.prefill_started is not None and probe.prefill_ms is None:
-            _synchronize(_first_tensor_device(args, kwargs))
+            synchronize(_first_tensor_device(args, kwargs))
             probe.prefill_ms = (time.perf_counter() - probe.prefill_started) * 1000.0
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
