@@ -14,10 +14,13 @@ import math
 import torch
 from torch import Tensor
 
+from ._cuda_rng import fused_uniform_draws
 from ._transfer import int_tensors
 
 # A uniform random tie-breaker of this size is added to the densities, as in the official code.
 DENSITY_NOISE_SCALE = 1e-6
+# On CUDA, all calls' draws come from one kernel (same values, same generator state; see _cuda_rng).
+USE_FUSED_CUDA_DRAWS = True
 # torch.cdist switches to the matrix-product formula above this many points.
 CDIST_DIRECT_MAX_POINTS = 25
 
@@ -34,8 +37,27 @@ def draw_density_noise(num_points: list[int], device: torch.device, generator: t
         return torch.zeros(0, dtype=torch.float32, device=device)
     if device.type == "cpu":
         return torch.rand(total, dtype=torch.float32, device=device, generator=generator)
+    if device.type == "cuda" and USE_FUSED_CUDA_DRAWS:
+        fused = fused_uniform_draws(num_points, device, generator)  # None (nothing drawn) if it cannot
+        if fused is not None:
+            return fused
     draws = [torch.rand(1, n, dtype=torch.float32, device=device, generator=generator) for n in num_points]
     return torch.cat(draws, dim=1).flatten()
+
+
+def self_cdist(points: Tensor) -> Tensor:
+    """torch.cdist(points, points), bit for bit, with the squared norms computed once instead of twice.
+
+    points: (B, n, D) float32. Above 25 points torch.cdist computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T, clamped at
+    0, square-rooted; with both sides the same points, the norms are the same tensor.
+    """
+    if points.shape[-2] <= CDIST_DIRECT_MAX_POINTS:
+        return torch.cdist(points, points)
+    norm = points.pow(2).sum(-1, keepdim=True)
+    pad = torch.ones_like(norm)
+    left = torch.cat([points.mul(-2), norm, pad], dim=-1)
+    right = torch.cat([points, pad, norm], dim=-1)
+    return left.matmul(right.mT).clamp_min_(0).sqrt_()
 
 
 @torch.no_grad()
@@ -130,7 +152,7 @@ def dpc_knn_ragged(
     batch, width, dim = points.shape
     slots = torch.arange(width, device=points.device)
     valid = slots.unsqueeze(0) < num_points.unsqueeze(1)  # (C, n)
-    dists = torch.cdist(points, points) / math.sqrt(dim)
+    dists = self_cdist(points) / math.sqrt(dim)
     neighbour_dists = dists.masked_fill(~valid.unsqueeze(1), float("inf"))
     nearest = torch.topk(neighbour_dists, k=max(neighbour_counts), dim=-1, largest=False).values  # (C, n, k_max)
     # torch.mean over exactly k columns, one k at a time (at most 7 values), so each frame's density is computed

@@ -170,12 +170,27 @@ def _stepwise_walk(values: Tensor, children_of: Tensor) -> None:
 _WALK_GRAPHS: dict[tuple, tuple] = {}
 
 
-def stepwise_root_values(features: Tensor, merged: Tensor, parent: Tensor) -> Tensor:
+def stepwise_root_values(
+    features: Tensor, merged: Tensor, parent: Tensor, segment_lengths: list[int] | None = None
+) -> Tensor:
     """Root values computed as the official code computes them, in the input dtype: (F, N, D) (roots' rows).
 
-    Child counts do not depend on the sums, and a root is divided only after its own frame has been summed
-    (nothing reads it afterwards), so only the additions are sequential over frames; on CUDA that loop is
-    captured once per shape in a CUDA graph and replayed.
+    segment_lengths: the frames' segments (None: one segment), only used to batch the walk (see
+    stepwise_tree_sums).
+    """
+    values, counts = stepwise_tree_sums(features, merged, parent, segment_lengths)
+    return torch.where(merged.unsqueeze(-1), values, values / counts.unsqueeze(-1))
+
+
+def stepwise_tree_sums(
+    features: Tensor, merged: Tensor, parent: Tensor, segment_lengths: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The official frame-by-frame tree sums and their divisors, in the input dtype: values (F, N, D), counts (F, N).
+
+    A root's value is values / counts, both in the input dtype (divide only the rows you need). Child counts do
+    not depend on the sums, so only the additions are sequential over frames. Segments are independent, so step
+    s adds frame L - s into L - s - 1 of every segment at once (max segment length - 1 batched steps); with few
+    segments the per-frame walk is used instead, on CUDA captured once per shape in a CUDA graph and replayed.
     """
     num_frames, num_tokens, _ = features.shape
     dtype = features.dtype
@@ -185,11 +200,32 @@ def stepwise_root_values(features: Tensor, merged: Tensor, parent: Tensor) -> Te
     counts = torch.ones(num_frames, num_tokens, dtype=dtype, device=features.device)
     counts[:-1] += children_of[1:].sum(dim=-1)  # one per direct child, in the input dtype as the official code
     values = features.clone()
-    if features.is_cuda and _selection_graphs_enabled() and num_frames > 1:
+    lengths = segment_lengths if segment_lengths is not None else [num_frames]
+    steps = max(lengths, default=1) - 1
+    if 0 < steps <= (num_frames - 1) // 2:
+        _walk_by_segments(values, children_of, lengths)
+    elif features.is_cuda and _selection_graphs_enabled() and num_frames > 1:
         values = _walk_with_graph(values, children_of)
     else:
         _stepwise_walk(values, children_of)
-    return torch.where(merged.unsqueeze(-1), values, values / counts.unsqueeze(-1))
+    return values, counts
+
+
+def _walk_by_segments(values: Tensor, children_of: Tensor, segment_lengths: list[int]) -> None:
+    """`_stepwise_walk` with the segments walked side by side: in place, max length - 1 batched steps.
+
+    Frames of different segments never link (a segment's first frame takes no children from the previous one),
+    and each segment's frames are still added last to first, each step's sum rounded as one frame step."""
+    starts = [sum(segment_lengths[:index]) for index in range(len(segment_lengths))]
+    step_frames = [
+        [start + length - step for start, length in zip(starts, segment_lengths) if length > step]
+        for step in range(1, max(segment_lengths))
+    ]
+    frames_per_step = int_tensors(values.device, *step_frames)
+    parents_per_step = int_tensors(values.device, *[[frame - 1 for frame in frames] for frames in step_frames])
+    for frames, parents in zip(frames_per_step, parents_per_step):
+        product = torch.bmm(children_of.index_select(0, frames), values.index_select(0, frames))
+        values.index_copy_(0, parents, values.index_select(0, parents) + product)
 
 
 def _walk_with_graph(values: Tensor, children_of: Tensor) -> Tensor:
@@ -265,9 +301,10 @@ def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tenso
 class TreeMerge:
     """TSTM result for a video. All (F, N) except where noted.
 
-    merged: the token merged into its parent; sums: (F, N, D) float32, the sum over each root's tree; counts:
-    (F, N) float32, its divisor (only meaningful where roots & ~selected). A root's value is sums / counts
-    (divide only the rows you need).
+    merged: the token merged into its parent; sums: (F, N, D), the sum over each root's tree; counts: (F, N), its
+    divisor (only meaningful where roots & ~selected). Both float32, or both in the input dtype for the official
+    frame-by-frame sums of bfloat16/float16 inputs. A root's value is sums / counts (divide only the rows you
+    need).
     """
 
     merged: Tensor
@@ -276,7 +313,7 @@ class TreeMerge:
 
     @property
     def root_values(self) -> Tensor:
-        """(F, N, D) float32: sums / counts for every token (roots are the meaningful rows)."""
+        """(F, N, D): sums / counts for every token (roots are the meaningful rows), in the sums' dtype."""
         return self.sums / self.counts.clamp_min(1.0).unsqueeze(-1)
 
 
@@ -322,12 +359,8 @@ def spatiotemporal_merge(
         merged = limit_depth(merged, parent, max_depth)
     if features.dtype != torch.float32 and not float32_sums and not true_mean:
         # Low-precision inputs: round as the official code rounds, frame step by frame step, in the input dtype.
-        values = stepwise_root_values(features, merged, parent)
-        return TreeMerge(
-            merged=merged,
-            sums=values,
-            counts=torch.ones(num_frames, num_tokens, dtype=values.dtype, device=device),
-        )
+        values, counts = stepwise_tree_sums(features, merged, parent, segment_lengths)
+        return TreeMerge(merged=merged, sums=values, counts=counts)
     roots_of = tree_roots(merged, parent, max(segment_lengths, default=1))
     if features_float32 is not None:
         flat = features_float32.reshape(num_frames * num_tokens, dim)

@@ -362,12 +362,17 @@ class _RootValues:
     def __init__(self, sums: Tensor, counts: Tensor | None, dtype: torch.dtype) -> None:
         self.sums, self.counts, self.dtype = sums, counts, dtype
         self.device = sums.device
+        self.num_tokens, self.dim = sums.shape[1], sums.shape[2]
 
     def gather(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """Rows and cols: broadcastable int64 index tensors of shape S. Returns (*S, D) in the input dtype."""
+        flat = (rows * self.num_tokens + cols).expand(torch.broadcast_shapes(rows.shape, cols.shape))
+        # index_select on the flattened (F·N, D) rows: one vectorised gather instead of 2-D advanced indexing.
+        value = self.sums.reshape(-1, self.dim).index_select(0, flat.reshape(-1)).view(*flat.shape, self.dim)
         if self.counts is None:
-            return self.sums[rows, cols]
-        value = self.sums[rows, cols] / self.counts[rows, cols].clamp_min(1.0).unsqueeze(-1)
-        return value if self.dtype == torch.float32 else value.to(self.dtype)
+            return value
+        value = value / self.counts.reshape(-1)[flat].clamp_min(1.0).unsqueeze(-1)
+        return value if value.dtype == self.dtype else value.to(self.dtype)
 
 
 def _cluster_frames(
@@ -400,7 +405,8 @@ def _cluster_frames(
     used = slots.unsqueeze(0) < counts.unsqueeze(1)  # (C, n)
     local = token_order[frame_index, :width]  # (C, n) within-frame token indices
     # Padded slots hold other (finite) tokens of the frame: cdist entries of valid pairs never read them.
-    points = values.gather(frame_index.unsqueeze(-1), local).float()
+    members = values.gather(frame_index.unsqueeze(-1), local)  # (C, n, D) input dtype
+    points = members.float()
     if noise_flat.numel() > 0:
         noise_index = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp_max(noise_flat.numel() - 1)
         noise = noise_flat[noise_index].masked_fill(~used, 0.0)
@@ -413,7 +419,6 @@ def _cluster_frames(
     one_hot = (assignment.unsqueeze(1) == torch.arange(max_clusters, device=device).view(1, -1, 1)) & used.unsqueeze(1)
     # In the input dtype, as the official code forms them (bf16/fp16 products accumulate in float32, round once).
     one_hot = one_hot.to(values.dtype)
-    members = points if values.dtype == torch.float32 else points.to(values.dtype)
     means = torch.bmm(one_hot, members) / one_hot.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (C, K_max, D)
     # Centres, frame by frame, in score order: pick slot j < K_i of row i.
     centre_global = (frame_index.unsqueeze(-1) * num_tokens + local.gather(1, centres)).flatten()[pick]

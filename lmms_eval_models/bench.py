@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out-dir", default="results/efficiency", help="where CSV and Markdown go (default: results/efficiency)")
     run.add_argument("--no-write", action="store_true", help="print only")
+    run.add_argument("--profile", metavar="DIR", default=None,
+                     help="after the timed calls, profile one call per row: DIR/<row>.json (Chrome trace) and .txt")
     return parser
 
 
@@ -154,6 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         first_token=args.first_token,
         threads=args.threads,
         flashvid_overrides=typed,
+        profile_dir=args.profile,
     )
 
 

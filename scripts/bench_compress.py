@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -197,6 +198,23 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int, cuda: bool) -> f
     return statistics.median(times)
 
 
+def profile_call(fn: Callable[[], object], cuda: bool, trace_path: Path) -> None:
+    """Profile one (warm) call: write a Chrome trace and print the operators taking the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+    print(f"trace: {trace_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["32x196x3584", "64x196x3584"], help="FxNxD")
@@ -205,6 +223,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-loop", action="store_true", help="skip the loop-style implementation")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="CUDA input dtype (default float16; the CPU always runs float32)")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="also profile one call per shape and device: a Chrome trace and the top operators")
     args = parser.parse_args()
     config = fc.FlashVIDConfig()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; config: {config}")
@@ -212,7 +234,7 @@ def main() -> None:
     if args.device in ("auto", "cpu"):
         targets.append(("cpu", torch.float32))
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        targets.append(("cuda", torch.float16))
+        targets.append(("cuda", getattr(torch, args.dtype or "float16")))
     for shape in args.shapes:
         frames, tokens, dim = (int(v) for v in shape.split("x"))
         loop_ms = None
@@ -235,6 +257,9 @@ def main() -> None:
             ratio = f", {loop_ms / ms:6.1f}x faster than the loop-style CPU run" if loop_ms else ""
             print(f"{shape}: compress on {device} {str(dtype).replace('torch.', '')}: {ms:9.2f} ms/video "
                   f"(median of {args.runs}){ratio}")
+            if args.profile:
+                profile_call(partial(fc.compress, features, attention, config), cuda,
+                             Path(args.profile) / f"compress_{shape}_{device}.json")
 
 
 if __name__ == "__main__":

@@ -313,3 +313,25 @@ def test_ragged_slots_and_frame_layout():
     assert is_start.tolist() == [True, False, True, False, False]
     assert frame_length.tolist() == [2, 2, 3, 3, 3]
     assert lengths.tolist() == [2, 0, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_segment_batched_tree_walk_equals_the_frame_by_frame_walk(dtype):
+    # Segments are walked side by side (max length - 1 batched steps); each frame step rounds as before.
+    generator = torch.Generator().manual_seed(3)
+    frames, tokens, dim = 12, 30, 40
+    scenes = torch.randn(3, tokens, dim, generator=generator)[torch.arange(frames) * 3 // frames]
+    features = (scenes + 0.3 * torch.randn(frames, tokens, dim, generator=generator)).to(dtype)
+    lengths = [4, 0, 3, 5]  # a zero-length segment included
+    starts = torch.zeros(frames, dtype=torch.bool)
+    starts[[0, 4, 7]] = True
+    max_sim, parent = fc.temporal_parents(features, torch.zeros(frames, tokens, dtype=torch.bool), starts)
+    merged = fc.merging.merge_decisions(max_sim, 0.5, lengths, 5)
+    assert merged.sum() > 100
+    batched_values, batched_counts = fc.merging.stepwise_tree_sums(features, merged, parent, lengths)
+    values = features.clone()
+    children_of = ((parent.unsqueeze(-1) == torch.arange(tokens)) & merged.unsqueeze(-1)).transpose(1, 2).to(dtype)
+    for frame in range(frames - 1, 0, -1):
+        values[frame - 1] += children_of[frame] @ values[frame]
+    assert torch.equal(batched_values, values)
+    assert torch.equal(batched_counts[:-1], 1 + children_of[1:].sum(dim=-1))

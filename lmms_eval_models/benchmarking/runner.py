@@ -59,6 +59,7 @@ class BenchSettings:
     first_token: str = "generate"  # how TTFT's first token is produced: "generate" or "forward"
     threads: int | None = None  # CPU threads; None: 1 on CPU (see cpu_threads), torch's default on GPU
     flashvid_overrides: dict[str, Any] = field(default_factory=dict)
+    profile_dir: str | None = None  # also profile one call per variant: Chrome traces and top-operator tables
 
 
 @dataclass
@@ -302,6 +303,11 @@ class Variant:
     calls: list[Measurement] = field(default_factory=list)
     vision_attention: str = ""
 
+    @property
+    def label(self) -> str:
+        """A file-name-safe name: vanilla, flashvid_r0.1, ..."""
+        return "vanilla" if self.ratio is None else f"{self.method.lower()}_r{self.ratio:g}"
+
 
 def _activate(model: nn.Module, variant: Variant, family: str, layout: str | None) -> None:
     # LLaVA-Video's vanilla layout (169 + newline per frame) exists only through the patch, uncompressed.
@@ -347,6 +353,34 @@ def measure_round_robin(
     for variant in variants:
         if variant.flashvid is not None:
             _require_patch_ran(model, variant.calls, mode)
+    if settings.profile_dir is not None:
+        for variant in variants:
+            _activate(model, variant, family, layout)
+            try:
+                profile_call(model, inputs[0], settings.device, mode, settings.profile_dir, variant.label)
+            finally:
+                _remove(model)
+
+
+def profile_call(model: nn.Module, inputs: VideoInputs, device: torch.device, mode: str, out_dir: str,
+                 label: str) -> None:
+    """Profile one first-token call (after the timed ones, so it is warm): `<label>.json` (a Chrome trace) and
+    `<label>.txt` (the operators taking the most time) under out_dir."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        first_token(model, inputs, mode)
+        if cuda:
+            torch.cuda.synchronize(device)
+    prof.export_chrome_trace(str(folder / f"{label}.json"))
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    (folder / f"{label}.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40,
+                                                                   max_name_column_width=70))
 
 
 def _median(values: Sequence[float]) -> float:

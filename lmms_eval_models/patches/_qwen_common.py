@@ -46,6 +46,7 @@ from lmms_eval_models.patches.common import (
     plan_method,
     restore_class,
     rotate_half,
+    softmax_float32,
     swap_class,
     synchronize,
 )
@@ -121,7 +122,7 @@ def vision_attention_received(
             span = slice(begin, begin + size * chunk_length)
             q = query[span].view(size, chunk_length, num_heads, head_dim).transpose(1, 2)
             k = key[span].view(size, chunk_length, num_heads, head_dim).transpose(1, 2)
-            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1, dtype=torch.float32)
+            probs = softmax_float32(q @ k.transpose(-1, -2) / math.sqrt(head_dim))
             received.append(probs.to(q.dtype).mean(dim=1).mean(dim=1).flatten())
         start += count * chunk_length
     return torch.cat(received)
@@ -139,7 +140,7 @@ def _received_in_query_slices(query: torch.Tensor, key: torch.Tensor, max_bytes:
     total = torch.zeros(length, dtype=torch.float32, device=query.device)
     for first in range(0, length, rows):
         logits = queries[:, first : first + rows] @ keys_t / math.sqrt(head_dim)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = softmax_float32(logits).to(query.dtype)
         total += probs.mean(dim=0).float().sum(dim=0)
     return (total / length).to(query.dtype)
 

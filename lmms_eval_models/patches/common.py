@@ -101,6 +101,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def softmax_float32(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits, dim=-1, dtype=torch.float32), without the float32 copy of half/bfloat16 logits on CUDA.
+
+    softmax(dtype=float32) first casts its input to a float32 copy; on CUDA the softmax kernel reads float16
+    directly and computes in float32 (`half_to_float`, float16 only), giving the same values with one pass fewer
+    over the (largest) tensor of the statistic.
+    """
+    if logits.is_cuda and logits.dtype == torch.float16:
+        return torch._softmax(logits, -1, True)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA only), so a wall-clock interval covers the work it launched."""
     if device.type == "cuda":

@@ -75,6 +75,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmms_eval_models.patches._statistic_kernel import fused_attention_received
 from lmms_eval_models.patches.common import (
     PATCH_ATTR,
     STATS_ATTR,
@@ -86,6 +87,7 @@ from lmms_eval_models.patches.common import (
     coerce_config,
     plan_method,
     restore_class,
+    softmax_float32,
     swap_class,
     synchronize,
 )
@@ -298,6 +300,10 @@ def bilinear_pool_half(features: torch.Tensor, height: int, width: int) -> torch
     return pooled.permute(0, 2, 3, 1).reshape(batch, -1, dim)
 
 
+# On CUDA (float16/bfloat16, Triton present) the statistic comes from one fused kernel (_statistic_kernel).
+USE_FUSED_STATISTIC = True
+
+
 def attention_received(
     attention: nn.Module,
     hidden_states: torch.Tensor,
@@ -322,6 +328,10 @@ def attention_received(
         )
 
     queries, keys = heads(attention.q_proj), heads(attention.k_proj)
+    if attention_mask is None and USE_FUSED_STATISTIC:
+        fused = fused_attention_received(queries, keys, attention.scale)
+        if fused is not None:  # CUDA half/bfloat16 with Triton: no score tensor in memory at all
+            return fused / (attention.num_heads * length)
     keys_t = keys.transpose(2, 3)
     rows = max(1, max_bytes // (batch * attention.num_heads * length * 4))
     received = torch.zeros(batch, length, dtype=torch.float32, device=hidden_states.device)
@@ -332,7 +342,7 @@ def attention_received(
             scores = scores + (
                 attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., first : first + rows, :]
             )
-        received += scores.softmax(dim=-1, dtype=torch.float32).sum(dim=(1, 2))
+        received += softmax_float32(scores).sum(dim=(1, 2))
     return received / (attention.num_heads * length)
 
 

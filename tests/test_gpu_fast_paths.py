@@ -1,0 +1,93 @@
+"""CUDA-only fast paths give what the plain PyTorch calls give: the one-launch DPC tie-breaker draws (values and
+generator state), compress with and without them (the CPU-vs-CUDA check on the golden set is in test_core_stages), and the statistic's half-to-float softmax. Skipped with a
+reason where no CUDA device is present (CI); run on a GPU machine with `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import flashvid_core as fc
+from flashvid_core import _cuda_rng, clustering
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", [0, 1, 1234, 2**40 + 7])
+def test_fused_draws_equal_per_call_torch_rand(seed):
+    device = torch.device("cuda")
+    sizes = [196, 50, 1, 255, 256, 257, 1000, 120] + [180] * 60
+    assert _cuda_rng.draws_match_torch(sizes, device, seed)
+
+
+@needs_triton
+def test_fused_draws_advance_the_default_generator_like_per_call_draws():
+    device = torch.device("cuda")
+    sizes = [100, 37, 196]
+    torch.manual_seed(5)
+    reference = torch.cat([torch.rand(1, n, device=device) for n in sizes], dim=1).flatten()
+    after_reference = torch.rand(4, device=device)
+    torch.manual_seed(5)
+    fused = clustering.draw_density_noise(sizes, device)
+    assert torch.equal(fused, reference)
+    assert torch.equal(torch.rand(4, device=device), after_reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compress_on_cuda_is_the_same_with_fused_draws(monkeypatch, dtype):
+    features, attention = _video(24, 196, 256, dtype)
+    config = fc.FlashVIDConfig(retention_ratio=0.1)
+    torch.manual_seed(11)
+    fused = fc.compress(features, attention, config)
+    monkeypatch.setattr(clustering, "USE_FUSED_CUDA_DRAWS", False)
+    torch.manual_seed(11)
+    per_call = fc.compress(features, attention, config)
+    assert torch.equal(fused.indices, per_call.indices)
+    assert torch.equal(fused.tokens, per_call.tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_to_float_softmax_equals_softmax_with_dtype(dtype):
+    from lmms_eval_models.patches.common import softmax_float32
+
+    logits = (torch.randn(4, 16, 89, 729, device="cuda") * 4).to(dtype)
+    assert torch.equal(softmax_float32(logits), torch.softmax(logits, dim=-1, dtype=torch.float32))
+
+
+def _video(frames: int, tokens: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    scenes = torch.randn(4, tokens, dim, generator=generator)[torch.arange(frames) * 4 // frames]
+    features = scenes + 0.3 * torch.randn(frames, tokens, dim, generator=generator)
+    attention = torch.softmax(torch.randn(frames, tokens, generator=generator) * 2.0, dim=-1)
+    return features.to("cuda", dtype), attention.to("cuda", dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_statistic_agrees_with_the_plain_computation(monkeypatch, dtype):
+    from types import SimpleNamespace
+
+    from lmms_eval_models.patches import llava_onevision
+
+    torch.manual_seed(0)
+    width, heads = 1152, 16
+    attention = SimpleNamespace(
+        num_heads=heads, head_dim=width // heads, scale=(width // heads) ** -0.5,
+        q_proj=torch.nn.Linear(width, width).to("cuda", dtype), k_proj=torch.nn.Linear(width, width).to("cuda", dtype),
+    )
+    hidden = torch.randn(6, 729, width, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        fused = llava_onevision.attention_received(attention, hidden, None)
+        monkeypatch.setattr(llava_onevision, "USE_FUSED_STATISTIC", False)
+        plain = llava_onevision.attention_received(attention, hidden, None)
+    assert fused.shape == plain.shape == (6, 729) and fused.dtype == torch.float32
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-9)
+    # the ranking the selection reads is the same
+    assert torch.equal(fused.argsort(dim=-1, stable=True)[:, -50:], plain.argsort(dim=-1, stable=True)[:, -50:])
