@@ -46,17 +46,27 @@ def draw_density_noise(num_points: list[int], device: torch.device, generator: t
 
 
 def self_cdist(points: Tensor) -> Tensor:
-    """torch.cdist(points, points), bit for bit, with the squared norms computed once instead of twice.
+    """torch.cdist(x, x) for x = points.float(), bit for bit, with less memory traffic.
 
-    points: (B, n, D) float32. Above 25 points torch.cdist computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T, clamped at
-    0, square-rooted; with both sides the same points, the norms are the same tensor.
+    points: (B, n, D) any float dtype. Above 25 points torch.cdist computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T,
+    clamped at 0, square-rooted. Here the float32 copy of the points is written straight into the right-hand
+    operand, -2x straight into the left one, and the squared norms are computed once for both sides. Returns
+    (B, n, n) float32.
     """
     if points.shape[-2] <= CDIST_DIRECT_MAX_POINTS:
+        points = points.float()
         return torch.cdist(points, points)
-    norm = points.pow(2).sum(-1, keepdim=True)
-    pad = torch.ones_like(norm)
-    left = torch.cat([points.mul(-2), norm, pad], dim=-1)
-    right = torch.cat([points, pad, norm], dim=-1)
+    batch, num_points, dim = points.shape
+    right = torch.empty(batch, num_points, dim + 2, dtype=torch.float32, device=points.device)
+    x = right[..., :dim]
+    x.copy_(points)
+    norm = x.pow(2).sum(-1)  # pow of the strided view is a contiguous tensor: the same sums as on a plain copy
+    left = torch.empty_like(right)
+    torch.mul(x, -2, out=left[..., :dim])
+    left[..., dim] = norm
+    left[..., dim + 1] = 1.0
+    right[..., dim] = 1.0
+    right[..., dim + 1] = norm
     return left.matmul(right.mT).clamp_min_(0).sqrt_()
 
 
@@ -142,8 +152,8 @@ def dpc_knn_ragged(
 ) -> tuple[Tensor, Tensor]:
     """DPC-kNN on C padded frames at once, each with its own sizes; same result per frame as `dpc_knn`.
 
-    points: (C, n, D) float32, row c valid in [0, num_points[c]); num_points, num_clusters, num_neighbours (k):
-    (C,) int64; noise: (C, n) uniform draws (padding ignored); point_counts, cluster_counts, neighbour_counts:
+    points: (C, n, D) any float dtype (distances in float32), row c valid in [0, num_points[c]); num_points,
+    num_clusters, num_neighbours (k): (C,) int64; noise: (C, n) uniform draws (padding ignored); point_counts, cluster_counts, neighbour_counts:
     the same three as host-side lists (the host knows them; no device sync). exact_ties: see _top_scores.
     All frames of one call should be on the same side of the 25-point cdist switch (the caller groups them).
     Returns cluster_indices (C, n) (padding: arbitrary) and centres (C, max K) in descending score order

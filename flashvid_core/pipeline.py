@@ -406,16 +406,15 @@ def _cluster_frames(
     local = token_order[frame_index, :width]  # (C, n) within-frame token indices
     # Padded slots hold other (finite) tokens of the frame: cdist entries of valid pairs never read them.
     members = values.gather(frame_index.unsqueeze(-1), local)  # (C, n, D) input dtype
-    points = members.float()
     if noise_flat.numel() > 0:
         noise_index = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp_max(noise_flat.numel() - 1)
         noise = noise_flat[noise_index].masked_fill(~used, 0.0)
     else:
         noise = torch.zeros(len(frames), width, dtype=torch.float32, device=device)
     assignment, centres = dpc_knn_ragged(
-        points, counts, num_clusters, num_neighbours, noise, counts_list, cluster_list, neighbour_list
+        members, counts, num_clusters, num_neighbours, noise, counts_list, cluster_list, neighbour_list
     )
-    # Cluster means as the official code forms them: one-hot (C, K, n) @ points (C, n, D) / member counts.
+    # Cluster means as the official code forms them: one-hot (C, K, n) @ members (C, n, D) / member counts.
     one_hot = (assignment.unsqueeze(1) == torch.arange(max_clusters, device=device).view(1, -1, 1)) & used.unsqueeze(1)
     # In the input dtype, as the official code forms them (bf16/fp16 products accumulate in float32, round once).
     one_hot = one_hot.to(values.dtype)

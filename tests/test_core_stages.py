@@ -335,3 +335,12 @@ def test_segment_batched_tree_walk_equals_the_frame_by_frame_walk(dtype):
         values[frame - 1] += children_of[frame] @ values[frame]
     assert torch.equal(batched_values, values)
     assert torch.equal(batched_counts[:-1], 1 + children_of[1:].sum(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("points", [2, 25, 26, 150])
+def test_self_cdist_is_torch_cdist_bit_for_bit(dtype, points):
+    generator = torch.Generator().manual_seed(points)
+    x = (torch.randn(3, points, 70, generator=generator) * 4).to(dtype)
+    x[:, 1] = x[:, 0]  # a duplicate point: distance exactly 0 through the clamp
+    assert torch.equal(fc.clustering.self_cdist(x), torch.cdist(x.float(), x.float()))

@@ -91,3 +91,9 @@ def test_fused_statistic_agrees_with_the_plain_computation(monkeypatch, dtype):
     assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-9)
     # the ranking the selection reads is the same
     assert torch.equal(fused.argsort(dim=-1, stable=True)[:, -50:], plain.argsort(dim=-1, stable=True)[:, -50:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_self_cdist_is_torch_cdist_bit_for_bit_on_cuda(dtype):
+    x = (torch.randn(64, 150, 3584, device="cuda") * 3).to(dtype)
+    assert torch.equal(clustering.self_cdist(x), torch.cdist(x.float(), x.float()))
