@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._cuda_kernels import walk_tree_sums
 from ._transfer import int_tensors
 
 # The floor threshold is clamped to at least this, as in the official code (so similarity -1 never merges).
@@ -191,6 +192,7 @@ def stepwise_tree_sums(
     not depend on the sums, so only the additions are sequential over frames. Segments are independent, so step
     s adds frame L - s into L - s - 1 of every segment at once (max segment length - 1 batched steps); with few
     segments the per-frame walk is used instead, on CUDA captured once per shape in a CUDA graph and replayed.
+    On CUDA with Triton, one kernel walks every segment (`_cuda_kernels.walk_tree_sums`, the same roundings).
     """
     num_frames, num_tokens, _ = features.shape
     dtype = features.dtype
@@ -202,7 +204,9 @@ def stepwise_tree_sums(
     values = features.clone()
     lengths = segment_lengths if segment_lengths is not None else [num_frames]
     steps = max(lengths, default=1) - 1
-    if 0 < steps <= (num_frames - 1) // 2:
+    if steps > 0 and walk_tree_sums(values, children_of, lengths):  # CUDA: one Triton launch
+        pass
+    elif 0 < steps <= (num_frames - 1) // 2:
         _walk_by_segments(values, children_of, lengths)
     elif features.is_cuda and _selection_graphs_enabled() and num_frames > 1:
         values = _walk_with_graph(values, children_of)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._cuda_kernels import greedy_max_min
 from ._transfer import int_tensors
 from .config import TOKEN_SELECTION_METHODS
 
@@ -93,8 +94,9 @@ def max_min_diversity(
     index. forbid_repick=False reproduces the official attn_div_v2, which can pick a token twice.
     picked_value: the score given to picked columns (the official -1.0 only forbids re-picks while the distances
     stay above -1; -inf always does).
-    On CUDA the greedy loop (3-4 small kernels per step) is captured once per shape in a CUDA graph and replayed;
-    the kernels and so the picks are the same as in eager mode (set USE_CUDA_GRAPHS = False to disable).
+    On CUDA the whole loop is one Triton kernel (`_cuda_kernels.greedy_max_min`, the same comparisons and tie
+    rule); without Triton the loop (3-4 small kernels per step) is captured once per shape in a CUDA graph and
+    replayed, the kernels and so the picks being those of eager mode (USE_CUDA_GRAPHS = False disables it).
     """
     batch, num_candidates, _ = distances.shape
     if num_tokens <= 0:
@@ -102,6 +104,10 @@ def max_min_diversity(
     if num_candidates == 1:
         # The official code needs two rows for its first pick; with one token the only choice is that token.
         return torch.zeros(batch, num_tokens, dtype=torch.long, device=distances.device)
+    if distances.is_cuda:
+        picks = greedy_max_min(distances, num_tokens, forbid_repick, picked_value)  # one Triton launch
+        if picks is not None:
+            return picks
     if distances.is_cuda and USE_CUDA_GRAPHS and num_tokens > 2:
         return _greedy_cuda_graph(distances, num_tokens, forbid_repick, picked_value)
     return _greedy(distances, num_tokens, forbid_repick, picked_value)

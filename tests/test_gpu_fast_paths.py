@@ -97,3 +97,54 @@ def test_fused_statistic_agrees_with_the_plain_computation(monkeypatch, dtype):
 def test_self_cdist_is_torch_cdist_bit_for_bit_on_cuda(dtype):
     x = (torch.randn(64, 150, 3584, device="cuda") * 3).to(dtype)
     assert torch.equal(clustering.self_cdist(x), torch.cdist(x.float(), x.float()))
+
+
+@needs_triton
+@pytest.mark.parametrize(("forbid_repick", "picked_value"), [(True, -1.0), (False, -1.0), (True, float("-inf"))])
+def test_triton_greedy_equals_the_pytorch_loop(forbid_repick, picked_value):
+    from flashvid_core import _cuda_kernels, selection
+
+    generator = torch.Generator().manual_seed(0)
+    for tokens, picks in ((196, 18), (169, 40), (37, 37), (2, 1)):
+        x = torch.randn(64, tokens, 32, generator=generator)
+        distances = fc.cosine_distances(x) * torch.rand(64, 1, tokens, generator=generator)
+        distances = (torch.round(distances * 8) / 8).cuda()  # many exact ties
+        fused = _cuda_kernels.greedy_max_min(distances, picks, forbid_repick, picked_value)
+        assert fused is not None
+        assert torch.equal(fused, selection._greedy(distances, picks, forbid_repick, picked_value))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_tree_walk_equals_the_frame_by_frame_walk(dtype):
+    from flashvid_core import _cuda_kernels, merging
+
+    features, _ = _video(64, 196, 3584, dtype)
+    lengths = [9, 0, 7, 8, 8, 1, 8, 8, 15]
+    starts = torch.zeros(64, dtype=torch.bool, device="cuda")
+    starts[[0, 9, 16, 24, 32, 33, 41, 49]] = True
+    max_sim, parent = fc.temporal_parents(features, torch.zeros(64, 196, dtype=torch.bool, device="cuda"), starts)
+    merged = merging.merge_decisions(max_sim, 0.8, lengths, 25)
+    children_of = ((parent.unsqueeze(-1) == torch.arange(196, device="cuda")) & merged.unsqueeze(-1))
+    children_of = children_of.transpose(1, 2).to(dtype).contiguous()
+    reference = features.clone()
+    merging._stepwise_walk(reference, children_of)
+    walked = features.clone()
+    assert _cuda_kernels.walk_tree_sums(walked, children_of, lengths)
+    assert torch.equal(walked, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["attn_div_v2", "attn_div", "div"])
+def test_compress_on_cuda_is_the_same_with_and_without_the_triton_kernels(monkeypatch, dtype, method):
+    from flashvid_core import _cuda_kernels
+
+    features, attention = _video(64, 196, 512, dtype)
+    config = fc.FlashVIDConfig(retention_ratio=0.1, token_selection_method=method)
+    torch.manual_seed(2)
+    fused = fc.compress(features, attention, config)
+    monkeypatch.setattr(_cuda_kernels, "ENABLED", False)
+    torch.manual_seed(2)
+    plain = fc.compress(features, attention, config)
+    assert torch.equal(fused.indices, plain.indices)
+    assert torch.equal(fused.tokens, plain.tokens)
