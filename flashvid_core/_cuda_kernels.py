@@ -166,6 +166,36 @@ def walk_tree_sums(values: Tensor, children_of: Tensor, segment_lengths: list[in
     return True
 
 
+def walk_tree_sums_by_frame(values: Tensor, children_of: Tensor, segment_start: Tensor, segment_length: Tensor) -> bool:
+    """`walk_tree_sums` with the segments given per frame as device tensors (F,) int64: one program per frame and
+    column block, the programs of frames that start no multi-frame segment doing nothing. Fixed launch shape and no
+    host data (what a CUDA graph can capture). Returns False (values untouched) if it cannot run."""
+    if not values.is_cuda or values.dtype not in (torch.float16, torch.bfloat16) or not values.is_contiguous():
+        return False
+    kernel = _kernel("walk")
+    if kernel is None:
+        return False
+    num_frames, num_tokens, dim = values.shape
+    frames = torch.arange(num_frames, device=values.device)
+    lengths = torch.where(segment_start == frames, segment_length, torch.ones_like(segment_length))
+    try:
+        with torch.cuda.device(values.device):
+            kernel[(num_frames, -(-dim // 64))](
+                values, children_of.contiguous(), frames, lengths, num_tokens, dim,
+                BLOCK_P=64, BLOCK_C=64, BLOCK_D=64,
+                NUM_P_BLOCKS=-(-num_tokens // 64), NUM_C_BLOCKS=-(-num_tokens // 64),
+            )
+    except Exception:
+        _fail()
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the kernels can run (enabled, Triton present and compiled once)."""
+    return _kernel("greedy") is not None
+
+
 def _segment_starts(segment_lengths: list[int]) -> list[tuple[int, int]]:
     starts, offset = [], 0
     for length in segment_lengths:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._cuda_kernels import walk_tree_sums
+from ._cuda_kernels import walk_tree_sums, walk_tree_sums_by_frame
 from ._transfer import int_tensors
 
 # The floor threshold is clamped to at least this, as in the official code (so similarity -1 never merges).
@@ -126,6 +126,34 @@ def merge_decisions(
     return max_sim > threshold[segment_of_frame].unsqueeze(-1)
 
 
+def merge_decisions_by_frame(
+    max_sim: Tensor,
+    temporal_threshold: float,
+    segment_ids: Tensor,
+    segment_start: Tensor,
+    segment_length: Tensor,
+    kept_per_frame_floor: int,
+) -> Tensor:
+    """`merge_decisions` with the segments given per frame as device tensors: fixed shapes, no host data (what a
+    CUDA graph can capture). segment_ids, segment_start (first frame of the frame's segment), segment_length:
+    (F,) int64. Returns merged (F, N) bool, equal to merge_decisions."""
+    num_frames, num_tokens = max_sim.shape
+    merged = max_sim > torch.full((), temporal_threshold, dtype=max_sim.dtype, device=max_sim.device)
+    same_segment = (segment_ids.unsqueeze(1) == segment_ids.unsqueeze(0)).long()  # (F, F)
+    kept = (same_segment * (~merged).sum(dim=-1).unsqueeze(0)).sum(dim=-1)  # tokens kept in the frame's segment
+    lower_bound = segment_length * kept_per_frame_floor
+    floor_used = (kept < lower_bound) & (segment_length > 1)
+    num_largest = segment_length * num_tokens - lower_bound  # (F,) per frame, of its segment
+    token_segment = segment_ids.unsqueeze(-1).expand(-1, num_tokens).reshape(-1)
+    keys = token_segment.double() * 4.0 - max_sim.flatten().double()
+    sorted_sims = max_sim.flatten()[torch.argsort(keys, stable=True)]
+    position = (segment_start * num_tokens + num_largest - 1).clamp(0, max(num_frames * num_tokens - 1, 0))
+    floor_threshold = torch.clamp_min(sorted_sims[position], MIN_FLOOR_THRESHOLD)
+    floor_threshold = torch.where(num_largest > 0, floor_threshold, torch.full_like(floor_threshold, math.inf))
+    threshold = torch.where(floor_used, floor_threshold, torch.full_like(floor_threshold, temporal_threshold))
+    return max_sim > threshold.unsqueeze(-1)
+
+
 def limit_breadth(merged: Tensor, parent: Tensor, max_sim: Tensor, max_children: int) -> Tensor:
     """Opt-in (paper Table 12): each node keeps at most max_children children, the most similar ones (ties: lower
     index); the others become roots. merged, parent, max_sim: (F, N). Returns the new merged mask (F, N)."""
@@ -194,13 +222,8 @@ def stepwise_tree_sums(
     segments the per-frame walk is used instead, on CUDA captured once per shape in a CUDA graph and replayed.
     On CUDA with Triton, one kernel walks every segment (`_cuda_kernels.walk_tree_sums`, the same roundings).
     """
-    num_frames, num_tokens, _ = features.shape
-    dtype = features.dtype
-    candidates = torch.arange(num_tokens, device=features.device)
-    links = (parent.unsqueeze(-1) == candidates) & merged.unsqueeze(-1)  # (F, child, parent)
-    children_of = links.transpose(1, 2).to(dtype).contiguous()  # (F, parent, child)
-    counts = torch.ones(num_frames, num_tokens, dtype=dtype, device=features.device)
-    counts[:-1] += children_of[1:].sum(dim=-1)  # one per direct child, in the input dtype as the official code
+    num_frames = features.shape[0]
+    children_of, counts = _children_and_counts(features, merged, parent)
     values = features.clone()
     lengths = segment_lengths if segment_lengths is not None else [num_frames]
     steps = max(lengths, default=1) - 1
@@ -213,6 +236,31 @@ def stepwise_tree_sums(
     else:
         _stepwise_walk(values, children_of)
     return values, counts
+
+
+def stepwise_tree_sums_by_frame(
+    features: Tensor, merged: Tensor, parent: Tensor, segment_start: Tensor, segment_length: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`stepwise_tree_sums` with the segments given per frame as device tensors (F,) int64 (first frame of the
+    frame's segment, its length): one Triton kernel, fixed shapes, no host data. CUDA float16/bfloat16 only;
+    raises RuntimeError where the kernel cannot run (the caller then uses stepwise_tree_sums)."""
+    children_of, counts = _children_and_counts(features, merged, parent)
+    values = features.clone()
+    if not walk_tree_sums_by_frame(values, children_of, segment_start, segment_length):
+        raise RuntimeError("the Triton TSTM walk cannot run here")
+    return values, counts
+
+
+def _children_and_counts(features: Tensor, merged: Tensor, parent: Tensor) -> tuple[Tensor, Tensor]:
+    """children_of (F, parent, child) 0/1 and counts (F, N) (one per direct child), in the input dtype."""
+    num_frames, num_tokens, _ = features.shape
+    dtype = features.dtype
+    candidates = torch.arange(num_tokens, device=features.device)
+    links = (parent.unsqueeze(-1) == candidates) & merged.unsqueeze(-1)  # (F, child, parent)
+    children_of = links.transpose(1, 2).to(dtype).contiguous()  # (F, parent, child)
+    counts = torch.ones(num_frames, num_tokens, dtype=dtype, device=features.device)
+    counts[:-1] += children_of[1:].sum(dim=-1)  # one per direct child, in the input dtype as the official code
+    return children_of, counts
 
 
 def _walk_by_segments(values: Tensor, children_of: Tensor, segment_lengths: list[int]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _cuda_stage
 from ._transfer import int_tensors
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
@@ -193,6 +194,15 @@ def _compress(
     budget = num_selected + num_merged
     frame_arange = torch.arange(num_frames, device=device)
 
+    if num_selected + num_merged > 0 and _cuda_stage.applies(features, config):
+        plan = _cuda_stage.Plan(
+            num_selected, num_merged, config.token_selection_method, True if config.adts_forbid_repick else None,
+            config.temporal_threshold, budget, max(segment_lengths) > 1,
+        )
+        stage = _cuda_stage.run(features, attention, segment_lengths, plan)
+        if stage is not None:
+            return _compress_from_stage(features, stage, segment_lengths, num_selected, num_merged, generator,
+                                        dpc_noise)
     # Token selection for every frame at once (event relevance is per segment).
     selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
     pieces_tokens: list[Tensor] = []
@@ -227,6 +237,52 @@ def _compress(
         pieces_indices.extend(cluster_indices)
         segment_num_tokens = [a + b for a, b in zip(segment_num_tokens, per_segment)]
 
+    return _assemble(features, pieces_tokens, pieces_indices, segment_lengths, segment_num_tokens, num_selected,
+                     num_merged)
+
+
+def _compress_from_stage(
+    features: Tensor,
+    stage: _cuda_stage.StageOutput,
+    segment_lengths: list[int],
+    num_selected: int,
+    num_merged: int,
+    generator: torch.Generator | None,
+    dpc_noise: Tensor | None,
+) -> Compression:
+    """The rest of `_compress` after the CUDA stage (same steps as the eager path from the cluster counts on)."""
+    num_frames, num_tokens, dim = features.shape
+    frame_arange = torch.arange(num_frames, device=features.device)
+    pieces_tokens: list[Tensor] = []
+    pieces_indices: list[Tensor] = []
+    if stage.keep is not None:
+        pieces_tokens.append(features[frame_arange.unsqueeze(-1), stage.keep].reshape(-1, dim))
+        pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + stage.keep).reshape(-1))
+    segment_num_tokens = [num_selected * length for length in segment_lengths]
+    if num_merged > 0:
+        values = _RootValues(stage.sums, stage.counts, features.dtype)
+        passed_counts: list[int] = stage.passed_counts.tolist()  # the stage's one device read
+        cluster_tokens, cluster_indices, per_segment = _cluster_passed(
+            values, stage.token_order, passed_counts, segment_lengths, num_merged, generator, dpc_noise
+        )
+        pieces_tokens.extend(cluster_tokens)
+        pieces_indices.extend(cluster_indices)
+        segment_num_tokens = [a + b for a, b in zip(segment_num_tokens, per_segment)]
+    return _assemble(features, pieces_tokens, pieces_indices, segment_lengths, segment_num_tokens, num_selected,
+                     num_merged)
+
+
+def _assemble(
+    features: Tensor,
+    pieces_tokens: list[Tensor],
+    pieces_indices: list[Tensor],
+    segment_lengths: list[int],
+    segment_num_tokens: list[int],
+    num_selected: int,
+    num_merged: int,
+) -> Compression:
+    """All pieces ordered by global index (new tensors: nothing aliases the inputs or a CUDA graph's buffers)."""
+    device, dim = features.device, features.shape[-1]
     if pieces_indices:
         all_indices = torch.cat(pieces_indices)
         all_tokens = torch.cat(pieces_tokens)
@@ -241,7 +297,7 @@ def _compress(
         indices=indices,
         segment_lengths=segment_info[0],
         segment_num_tokens=segment_info[1],
-        token_budget=budget,
+        token_budget=num_selected + num_merged,
         num_selected=num_selected,
         num_merged=num_merged,
     )
@@ -291,7 +347,22 @@ def _contextual_tokens(
     # Per frame, the passed-on tokens first, in index order (a stable sort of the "not passed" flags).
     token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)  # (F, N)
     passed_counts: list[int] = passed.sum(dim=-1).tolist()  # sync 2: cluster counts are host arithmetic
+    return _cluster_passed(values, token_order, passed_counts, segment_lengths, num_merged, generator, dpc_noise)
 
+
+def _cluster_passed(
+    values: _RootValues,
+    token_order: Tensor,
+    passed_counts: list[int],
+    segment_lengths: list[int],
+    num_merged: int,
+    generator: torch.Generator | None,
+    dpc_noise: Tensor | None,
+) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    """Per-frame DPC-kNN of the passed-on tokens (token_order (F, N): each frame's passed tokens first, their
+    counts on the host). Returns token pieces, index pieces and tokens per segment."""
+    num_frames, num_tokens = token_order.shape
+    device, dtype = token_order.device, values.dtype
     ratios, clusters = _cluster_counts(num_merged, segment_lengths, passed_counts)
     frame_ratio = [ratio for ratio, length in zip(ratios, segment_lengths) for _ in range(length)]
     # Official rule: cluster a frame when it gets clusters and the ratio is below 1; else pass its tokens on.

@@ -47,15 +47,27 @@ def event_relevance(features: Tensor, segment_lengths: Tensor | list[int] | None
         ids = [segment for segment, length in enumerate(host_lengths) for _ in range(length)]
         segment_ids, lengths = int_tensors(features.device, ids, host_lengths)
         if features.is_cuda:
-            # index_add_ on CUDA sums in a nondeterministic order (it could flip near-tie picks between runs);
-            # a one-hot matrix product sums in a fixed order.
-            segments = torch.arange(len(host_lengths), device=features.device)
-            sums = (segments.unsqueeze(1) == segment_ids.unsqueeze(0)).to(torch.float32) @ frame_means
-        else:
-            sums = torch.zeros(len(host_lengths), frame_means.shape[1], dtype=torch.float32, device=features.device)
-            sums.index_add_(0, segment_ids, frame_means)
+            return _event_relevance_by_frame(features, frame_means, segment_ids)
+        sums = torch.zeros(len(host_lengths), frame_means.shape[1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, segment_ids, frame_means)
         means = sums / lengths.clamp_min(1).unsqueeze(-1).to(torch.float32)
         segment_mean = means[segment_ids]
+    return torch.bmm(features, segment_mean.unsqueeze(-1)).squeeze(-1)
+
+
+def event_relevance_from_ids(features: Tensor, segment_ids: Tensor) -> Tensor:
+    """`event_relevance` with the frames' segments given as a device tensor: features (B, N, D), segment_ids
+    (B,) int64 -> (B, N) float32, with fixed shapes and no host data (what a CUDA graph can capture). On CUDA it
+    equals event_relevance; on the CPU it agrees within float32 rounding (a matrix product instead of index_add_)."""
+    features = features.float()
+    return _event_relevance_by_frame(features, features.mean(dim=1), segment_ids)
+
+
+def _event_relevance_by_frame(features: Tensor, frame_means: Tensor, segment_ids: Tensor) -> Tensor:
+    # Each frame's segment sum as a row of a same-segment (B, B) one-hot product: a fixed summation order (CUDA's
+    # index_add_ is atomic, and its order could flip near-tie picks between runs) and fixed shapes.
+    same_segment = (segment_ids.unsqueeze(1) == segment_ids.unsqueeze(0)).to(torch.float32)
+    segment_mean = (same_segment @ frame_means) / same_segment.sum(dim=-1, keepdim=True)
     return torch.bmm(features, segment_mean.unsqueeze(-1)).squeeze(-1)
 
 
@@ -65,12 +77,14 @@ def calibrated_distances(
     method: str,
     segment_lengths: Tensor | list[int] | None = None,
     normalized: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """The distance matrix that the greedy selection maximises the minimum of, in float32.
 
     features: (B, N, D); attention: (B, N) (unused by div). Returns (B, N, N) where column j is scaled:
     div: 1 - cos; attn_div: (1 - cos) * (A[j] * 1e6); attn_div_v2: ((1 - cos) * (A[j] * 1e6)) * E[j];
-    div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation).
+    div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation). segment_ids: (B,) device tensor used for event
+    relevance instead of segment_lengths (see event_relevance_from_ids).
     """
     features = features.float()  # once: both terms below work in float32
     distances = cosine_distances(features, normalized)
@@ -79,7 +93,9 @@ def calibrated_distances(
             raise ValueError(f"token_selection_method={method!r} needs the attention statistic")
         distances = distances * (attention.float() * ATTENTION_SCALE).unsqueeze(1)
     if method in ("attn_div_v2", "div_er"):
-        distances = distances * event_relevance(features, segment_lengths).unsqueeze(1)
+        relevance = (event_relevance_from_ids(features, segment_ids) if segment_ids is not None
+                     else event_relevance(features, segment_lengths))
+        distances = distances * relevance.unsqueeze(1)
     return distances
 
 
@@ -182,13 +198,15 @@ def select_tokens(
     segment_lengths: Tensor | list[int] | None = None,
     forbid_repick: bool | None = None,
     normalized: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Per-frame token selection. Returns keep indices (B, num_tokens) int64, ascending within each frame.
 
     features: (B, N, D); attention: (B, N) (ignored by div and div_er); segment_lengths: the frames' segments,
     used by attn_div_v2 and div_er for event relevance (None: all B frames form one segment).
     forbid_repick: None = the official behaviour of each method (only attn_div_v2 may pick a token twice).
-    normalized: optional precomputed float32 unit-norm features (see cosine_distances).
+    normalized: optional precomputed float32 unit-norm features (see cosine_distances). segment_ids: optional
+    (B,) device tensor of the frames' segments, used instead of segment_lengths (no host data).
     """
     if method not in TOKEN_SELECTION_METHODS:
         raise ValueError(f"token_selection_method={method!r} is invalid: allowed {', '.join(TOKEN_SELECTION_METHODS)}")
@@ -203,7 +221,7 @@ def select_tokens(
         return torch.topk(attention, k=num_tokens, dim=-1).indices.sort(dim=-1).values
     if forbid_repick is None:
         forbid_repick = method != "attn_div_v2"
-    distances = calibrated_distances(features, attention, method, segment_lengths, normalized)
+    distances = calibrated_distances(features, attention, method, segment_lengths, normalized, segment_ids)
     # div_er is not in the official code: its distances can be far below -1 (negative event relevance), so picked
     # columns get -inf there; the official methods keep their -1.
     picked_value = float("-inf") if method == "div_er" or (forbid_repick and method == "attn_div_v2") else -1.0

@@ -344,3 +344,50 @@ def test_self_cdist_is_torch_cdist_bit_for_bit(dtype, points):
     x = (torch.randn(3, points, 70, generator=generator) * 4).to(dtype)
     x[:, 1] = x[:, 0]  # a duplicate point: distance exactly 0 through the clamp
     assert torch.equal(fc.clustering.self_cdist(x), torch.cdist(x.float(), x.float()))
+
+
+def _random_segments(rng, frames: int) -> list[int]:
+    cuts = sorted(rng.sample(range(1, frames), k=rng.randint(0, frames - 1))) if frames > 1 else []
+    bounds = [0, *cuts, frames]
+    lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    for _ in range(rng.randint(0, 2)):
+        lengths.insert(rng.randint(0, len(lengths)), 0)  # zero-length segments, as duplicate cuts give
+    return lengths
+
+
+def _per_frame(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, starts, sizes, offset = [], [], [], 0
+    for segment, length in enumerate(lengths):
+        ids += [segment] * length
+        starts += [offset] * length
+        sizes += [length] * length
+        offset += length
+    return torch.tensor(ids), torch.tensor(starts), torch.tensor(sizes)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_decisions_by_frame_equals_merge_decisions(seed):
+    import random
+
+    rng = random.Random(seed)
+    frames, tokens = rng.randint(1, 20), rng.randint(1, 12)
+    lengths = _random_segments(rng, frames)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    max_sim = (torch.round((torch.rand(frames, tokens, generator=generator) * 2 - 1) * 8) / 8).to(dtype)  # ties
+    segment_ids, segment_start, segment_length = _per_frame(lengths)
+    max_sim[segment_start == torch.arange(frames)] = -1.0
+    threshold, floor = rng.choice([0.0, 0.5, 0.8, 0.99]), rng.randint(0, tokens)
+    expected = fc.merging.merge_decisions(max_sim, threshold, lengths, floor)
+    got = fc.merging.merge_decisions_by_frame(max_sim, threshold, segment_ids, segment_start, segment_length, floor)
+    assert torch.equal(got, expected)
+
+
+def test_event_relevance_from_ids_agrees_with_event_relevance():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(9, 20, 16, generator=generator)
+    lengths = [3, 0, 4, 2]
+    segment_ids, _, _ = _per_frame(lengths)
+    expected = fc.selection.event_relevance(features, lengths)
+    assert torch.allclose(fc.selection.event_relevance_from_ids(features, segment_ids), expected, rtol=1e-5,
+                          atol=1e-5)

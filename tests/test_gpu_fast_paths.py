@@ -148,3 +148,27 @@ def test_compress_on_cuda_is_the_same_with_and_without_the_triton_kernels(monkey
     plain = fc.compress(features, attention, config)
     assert torch.equal(fused.indices, plain.indices)
     assert torch.equal(fused.tokens, plain.tokens)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["attn_div_v2", "attn", "div"])
+@pytest.mark.parametrize("ratio", [0.1, 0.25])
+def test_compress_is_the_same_with_and_without_the_cuda_graph_stage(monkeypatch, dtype, method, ratio):
+    from flashvid_core import _cuda_stage
+
+    config = fc.FlashVIDConfig(retention_ratio=ratio, token_selection_method=method)
+    for frames in (64, 5, 1):
+        features, attention = _video(frames, 196, 512, dtype)
+        assert _cuda_stage.applies(features, config)
+        results = []
+        for enabled, graphs in ((True, True), (True, True), (True, False), (False, True)):
+            monkeypatch.setattr(_cuda_stage, "ENABLED", enabled)
+            monkeypatch.setattr(_cuda_stage, "USE_STAGE_GRAPHS", graphs)
+            torch.manual_seed(4)
+            results.append(fc.compress(features, attention, config))
+        for other in results[1:]:
+            assert torch.equal(other.indices, results[0].indices)
+            assert torch.equal(other.tokens, results[0].tokens)
+            assert torch.equal(other.segment_lengths, results[0].segment_lengths)
+        assert not _cuda_stage._broken

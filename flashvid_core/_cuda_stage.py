@@ -1,0 +1,160 @@
+"""On CUDA, the part of `compress` between DySeg and the per-frame cluster counts, replayed as one CUDA graph.
+
+That part (ADTS selection, TSTM parents, merge decisions, tree sums, the passed-on tokens) is about 150 small
+PyTorch calls; issued one by one, the host's launch overhead, not the GPU, sets its time. Written with fixed
+shapes (the segments enter as per-frame device tensors, `..._by_frame` / `..._from_ids` functions, the two Triton
+kernels), it is captured once per (shape, dtype, settings) and replayed with one launch per video. The stage is the
+same code eagerly or replayed; `tests/test_gpu_fast_paths.py` checks compress with and without it on a GPU.
+
+Used for float16/bfloat16 features on CUDA with the Triton kernels available and the default TSTM (no opt-in tree
+limits, windows or float32 sums); elsewhere compress runs its eager path. `USE_STAGE_GRAPHS = False` runs the same
+stage eagerly (for profiling); `ENABLED = False` turns the path off. The cache keeps `CACHE_SIZE` graphs, each
+holding its buffers (about 5 copies of the features at 64x196x3584: ~0.5 GB).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _cuda_kernels
+from ._transfer import int_tensors
+from .config import FlashVIDConfig
+from .merging import merge_decisions_by_frame, stepwise_tree_sums_by_frame, temporal_parents
+from .selection import select_tokens
+
+ENABLED = True
+USE_STAGE_GRAPHS = True
+CACHE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the stage's shapes and code path depend on besides the tensors' sizes (the graph key)."""
+
+    num_selected: int
+    num_merged: int
+    method: str
+    forbid_repick: bool | None
+    temporal_threshold: float
+    budget: int
+    multi_frame: bool  # some segment has more than one frame (TSTM runs)
+
+
+@dataclass
+class StageOutput:
+    """keep (F, K) ascending or None; selected (F, N) bool; for num_merged > 0: sums (F, N, D) input dtype and
+    counts (F, N) (None: sums are the features), passed (F, N) bool, token_order (F, N), passed_counts (F,)."""
+
+    keep: Tensor | None
+    selected: Tensor
+    sums: Tensor | None
+    counts: Tensor | None
+    passed: Tensor | None
+    token_order: Tensor | None
+    passed_counts: Tensor | None
+
+
+_GRAPHS: OrderedDict[tuple, tuple] = OrderedDict()
+_broken = False
+
+
+def applies(features: Tensor, config: FlashVIDConfig) -> bool:
+    """Whether compress takes this path for these features and settings."""
+    return (
+        ENABLED
+        and not _broken
+        and features.is_cuda
+        and features.dtype in (torch.float16, torch.bfloat16)
+        and config.tstm_max_depth is None
+        and config.tstm_max_breadth is None
+        and config.tstm_spatial_window is None
+        and not config.tstm_float32_sums
+        and not config.tstm_true_mean
+        and _cuda_kernels.available()
+    )
+
+
+def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: Plan) -> StageOutput | None:
+    """The stage for one video: replayed from the graph cache (captured on first use), or None if capturing
+    failed (the caller runs its eager path; the failure turns this path off for the process)."""
+    global _broken
+    segment_ids, segment_start, segment_length = _frame_segments(segment_lengths, features.device)
+    inputs = (features, attention, segment_ids, segment_start, segment_length)
+    if not USE_STAGE_GRAPHS:
+        return stage(*inputs, plan)
+    key = (features.device, features.dtype, attention.dtype, tuple(features.shape), plan)
+    entry = _GRAPHS.pop(key, None)
+    if entry is None:
+        try:
+            entry = _capture(inputs, plan)
+        except Exception:
+            _broken = True
+            return None
+        while len(_GRAPHS) >= CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS[key] = entry
+    graph, static_inputs, output = entry
+    for buffer, value in zip(static_inputs, inputs):
+        buffer.copy_(value)
+    graph.replay()
+    return output
+
+
+def stage(features: Tensor, attention: Tensor, segment_ids: Tensor, segment_start: Tensor,
+          segment_length: Tensor, plan: Plan) -> StageOutput:
+    """The stage with fixed shapes: features (F, N, D), attention (F, N), per-frame segment tensors (F,) int64."""
+    num_frames, num_tokens, _ = features.shape
+    device = features.device
+    frame_arange = torch.arange(num_frames, device=device)
+    selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
+    keep = None
+    if plan.num_selected > 0:
+        keep = select_tokens(features.float(), attention, plan.num_selected, plan.method,
+                             forbid_repick=plan.forbid_repick, segment_ids=segment_ids)
+        selected[frame_arange.unsqueeze(-1), keep] = True
+    if plan.num_merged == 0:
+        return StageOutput(keep, selected, None, None, None, None, None)
+    if plan.multi_frame:
+        max_sim, parent = temporal_parents(features, selected, segment_start == frame_arange)
+        merged = merge_decisions_by_frame(max_sim, plan.temporal_threshold, segment_ids, segment_start,
+                                          segment_length, plan.budget)
+        sums, counts = stepwise_tree_sums_by_frame(features, merged, parent, segment_start, segment_length)
+        passed = torch.where((segment_length == 1).unsqueeze(-1), True, ~merged & ~selected)
+    else:
+        passed = torch.ones(num_frames, num_tokens, dtype=torch.bool, device=device)
+        sums, counts = features, None
+    token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)
+    return StageOutput(keep, selected, sums, counts, passed, token_order, passed.sum(dim=-1))
+
+
+def _capture(inputs: tuple[Tensor, ...], plan: Plan) -> tuple:
+    static_inputs = tuple(value.clone() for value in inputs)
+    device = inputs[0].device
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        stage(*static_inputs, plan)  # warm-up: compiles the Triton kernels, fills the allocator's caches
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = stage(*static_inputs, plan)
+    return graph, static_inputs, output
+
+
+def _frame_segments(segment_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per frame: segment index, first frame of its segment, its length (F,) int64, in one transfer."""
+    ids: list[int] = []
+    starts: list[int] = []
+    lengths: list[int] = []
+    offset = 0
+    for segment, length in enumerate(segment_lengths):
+        ids.extend([segment] * length)
+        starts.extend([offset] * length)
+        lengths.extend([length] * length)
+        offset += length
+    segment_ids, segment_start, segment_length = int_tensors(device, ids, starts, lengths)
+    return segment_ids, segment_start, segment_length
