@@ -14,6 +14,7 @@ holding its buffers (about 5 copies of the features at 64x196x3584: ~0.5 GB).
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class StageOutput:
 
 _GRAPHS: OrderedDict[tuple, tuple] = OrderedDict()
 _broken = False
+last_error: BaseException | None = None  # why capturing failed, if it did
 
 
 def applies(features: Tensor, config: FlashVIDConfig) -> bool:
@@ -91,8 +93,11 @@ def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: P
     if entry is None:
         try:
             entry = _capture(inputs, plan)
-        except Exception:
-            _broken = True
+        except Exception as error:  # turn the path off for the process, and say why once
+            global last_error
+            _broken, last_error = True, error
+            warnings.warn(f"flashvid_core: CUDA graph stage disabled, compress runs eagerly: {error!r}",
+                          RuntimeWarning, stacklevel=3)
             return None
         while len(_GRAPHS) >= CACHE_SIZE:
             _GRAPHS.popitem(last=False)
@@ -115,7 +120,7 @@ def stage(features: Tensor, attention: Tensor, segment_ids: Tensor, segment_star
     if plan.num_selected > 0:
         keep = select_tokens(features.float(), attention, plan.num_selected, plan.method,
                              forbid_repick=plan.forbid_repick, segment_ids=segment_ids)
-        selected[frame_arange.unsqueeze(-1), keep] = True
+        selected.scatter_(1, keep, True)  # (indexed assignment of True would copy a CPU scalar: not capturable)
     if plan.num_merged == 0:
         return StageOutput(keep, selected, None, None, None, None, None)
     if plan.multi_frame:
@@ -123,7 +128,7 @@ def stage(features: Tensor, attention: Tensor, segment_ids: Tensor, segment_star
         merged = merge_decisions_by_frame(max_sim, plan.temporal_threshold, segment_ids, segment_start,
                                           segment_length, plan.budget)
         sums, counts = stepwise_tree_sums_by_frame(features, merged, parent, segment_start, segment_length)
-        passed = torch.where((segment_length == 1).unsqueeze(-1), True, ~merged & ~selected)
+        passed = (segment_length == 1).unsqueeze(-1) | (~merged & ~selected)
     else:
         passed = torch.ones(num_frames, num_tokens, dtype=torch.bool, device=device)
         sums, counts = features, None

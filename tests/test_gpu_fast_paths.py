@@ -160,6 +160,7 @@ def test_compress_is_the_same_with_and_without_the_cuda_graph_stage(monkeypatch,
     config = fc.FlashVIDConfig(retention_ratio=ratio, token_selection_method=method)
     for frames in (64, 5, 1):
         features, attention = _video(frames, 196, 512, dtype)
+        monkeypatch.setattr(_cuda_stage, "ENABLED", True)
         assert _cuda_stage.applies(features, config)
         results = []
         for enabled, graphs in ((True, True), (True, True), (True, False), (False, True)):
