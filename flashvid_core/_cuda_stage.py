@@ -3,8 +3,9 @@
 That part (ADTS selection, TSTM parents, merge decisions, tree sums, the passed-on tokens) is about 150 small
 PyTorch calls; issued one by one, the host's launch overhead, not the GPU, sets its time. Written with fixed
 shapes (the segments enter as per-frame device tensors, `..._by_frame` / `..._from_ids` functions, the two Triton
-kernels), it is captured once per (shape, dtype, settings) and replayed with one launch per video. The stage is the
-same code eagerly or replayed; `tests/test_gpu_fast_paths.py` checks compress with and without it on a GPU.
+kernels), it is captured once per (shape, dtype, settings), the second time that key comes, and replayed with
+one launch per video. The stage is the same code eagerly or replayed; `tests/test_gpu_fast_paths.py` checks
+compress with and without it on a GPU.
 
 Used for float16/bfloat16 features on CUDA with the Triton kernels available and the default TSTM (no opt-in tree
 limits, windows or float32 sums); elsewhere compress runs its eager path. `USE_STAGE_GRAPHS = False` runs the same
@@ -60,6 +61,7 @@ class StageOutput:
 
 
 _GRAPHS: OrderedDict[tuple, tuple] = OrderedDict()
+_SEEN: OrderedDict[tuple, None] = OrderedDict()  # keys run once, eagerly
 _broken = False
 last_error: BaseException | None = None  # why capturing failed, if it did
 
@@ -90,6 +92,13 @@ def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: P
         return stage(*inputs, plan)
     key = (features.device, features.dtype, attention.dtype, tuple(features.shape), plan)
     entry = _GRAPHS.pop(key, None)
+    if entry is None and key not in _SEEN:
+        # A shape seen once runs eagerly (same code, same results): capturing costs a few eager runs, so only
+        # shapes that come back are captured (videos of varying length would otherwise thrash the cache).
+        _SEEN[key] = None
+        while len(_SEEN) > 64:
+            _SEEN.popitem(last=False)
+        return stage(*inputs, plan)
     if entry is None:
         try:
             entry = _capture(inputs, plan)
