@@ -83,9 +83,19 @@ def applies(features: Tensor, config: FlashVIDConfig) -> bool:
 
 
 def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: Plan) -> StageOutput | None:
-    """The stage for one video: replayed from the graph cache (captured on first use), or None if capturing
-    failed (the caller runs its eager path; the failure turns this path off for the process)."""
-    global _broken
+    """The stage for one video: replayed from the graph cache (captured the second time its key comes), or run
+    eagerly; None if it failed (no Triton compiler, a capture error): the caller then runs its eager path, and
+    this path stays off for the process, with one warning saying why."""
+    if _broken:
+        return None
+    try:
+        return _run(features, attention, segment_lengths, plan)
+    except Exception as error:
+        _disable(error)
+        return None
+
+
+def _run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: Plan) -> StageOutput:
     segment_ids, segment_start, segment_length = _frame_segments(segment_lengths, features.device)
     inputs = (features, attention, segment_ids, segment_start, segment_length)
     if not USE_STAGE_GRAPHS:
@@ -100,14 +110,7 @@ def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: P
             _SEEN.popitem(last=False)
         return stage(*inputs, plan)
     if entry is None:
-        try:
-            entry = _capture(inputs, plan)
-        except Exception as error:  # turn the path off for the process, and say why once
-            global last_error
-            _broken, last_error = True, error
-            warnings.warn(f"flashvid_core: CUDA graph stage disabled, compress runs eagerly: {error!r}",
-                          RuntimeWarning, stacklevel=3)
-            return None
+        entry = _capture(inputs, plan)
         while len(_GRAPHS) >= CACHE_SIZE:
             _GRAPHS.popitem(last=False)
     _GRAPHS[key] = entry
@@ -116,6 +119,14 @@ def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: P
         buffer.copy_(value)
     graph.replay()
     return output
+
+
+def _disable(error: BaseException) -> None:
+    global _broken, last_error
+    _broken, last_error = True, error
+    _GRAPHS.clear()
+    warnings.warn(f"flashvid_core: the CUDA stage is disabled, compress runs its eager path: {error!r}",
+                  RuntimeWarning, stacklevel=4)
 
 
 def stage(features: Tensor, attention: Tensor, segment_ids: Tensor, segment_start: Tensor,

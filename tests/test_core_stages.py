@@ -391,3 +391,36 @@ def test_event_relevance_from_ids_agrees_with_event_relevance():
     expected = fc.selection.event_relevance(features, lengths)
     assert torch.allclose(fc.selection.event_relevance_from_ids(features, segment_ids), expected, rtol=1e-5,
                           atol=1e-5)
+
+
+def test_cuda_stage_code_runs_on_the_cpu_where_it_needs_no_kernel(monkeypatch):
+    # The fixed-shape stage is plain PyTorch except the TSTM walk: selection-only and one-frame-segment plans run
+    # anywhere, and give what the eager path gives.
+    from flashvid_core import _cuda_stage
+
+    features, attention = LOOP.synthetic_video(6, 36, 16, "cpu", torch.float16, seed=1)
+    lengths = [2, 0, 3, 1]
+    inputs = (features, attention, *_cuda_stage._frame_segments(lengths, features.device))
+    for method in ("div", "attn_div"):
+        plan = _cuda_stage.Plan(5, 0, method, None, 0.8, 5, True)
+        out = _cuda_stage.stage(*inputs, plan)
+        assert torch.equal(out.keep, fc.select_tokens(features.float(), attention, 5, method, lengths))
+        assert torch.equal(out.selected.sum(dim=-1), torch.full((6,), 5))
+    single = _cuda_stage.stage(features, attention, *_cuda_stage._frame_segments([1] * 6, features.device),
+                               _cuda_stage.Plan(4, 3, "attn", None, 0.8, 7, False))
+    assert single.passed.all() and torch.equal(single.passed_counts, torch.full((6,), 36))
+    assert single.sums is features and single.counts is None
+
+
+def test_cuda_stage_failure_disables_it_with_a_warning(monkeypatch):
+    from flashvid_core import _cuda_stage
+
+    monkeypatch.setattr(_cuda_stage, "_broken", False)
+    monkeypatch.setattr(_cuda_stage, "last_error", None)
+    monkeypatch.setattr(_cuda_stage, "USE_STAGE_GRAPHS", False)
+    features, attention = LOOP.synthetic_video(4, 16, 8, "cpu", torch.float16, seed=0)
+    plan = _cuda_stage.Plan(2, 2, "attn", None, 0.8, 4, True)  # multi-frame: needs the CUDA walk kernel
+    with pytest.warns(RuntimeWarning, match="CUDA stage is disabled"):
+        assert _cuda_stage.run(features, attention, [4], plan) is None
+    assert _cuda_stage._broken and isinstance(_cuda_stage.last_error, RuntimeError)
+    assert _cuda_stage.run(features, attention, [4], plan) is None  # stays off, silently
