@@ -135,6 +135,31 @@ def test_qwen_small_runs_through_the_patch(tmp_path: Path, capsys: pytest.Captur
     assert "10%" in flashvid and "statistic" in flashvid
 
 
+def test_profile_writes_a_trace_and_a_table_per_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    profile = tmp_path / "profile"
+    assert bench.main(["--device", "cpu", "--frames", "4", "--ratios", "0.1", "--warmup", "0", "--repeats", "1",
+                       "--no-write", "--profile", str(profile)]) == 0  # fmt: skip
+    assert sorted(p.name for p in profile.iterdir()) == ["flashvid_r0.1.json", "flashvid_r0.1.txt", "vanilla.json",
+                                                         "vanilla.txt"]  # fmt: skip
+    assert "Self CPU" in (profile / "vanilla.txt").read_text()
+    assert '"traceEvents"' in (profile / "flashvid_r0.1.json").read_text()[:2000]
+
+
+def test_bench_compress_times_and_profiles_on_the_cpu(repo_root: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "bench_compress.py"), "--device", "cpu", "--shapes", "6x16x8",
+         "--runs", "1", "--loop-runs", "1", "--warmup", "0", "--profile", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=repo_root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "same output as compress: True" in result.stdout
+    assert "ms/video" in result.stdout
+    assert (tmp_path / "compress_6x16x8_cpu.json").is_file()
+
+
 @pytest.mark.parametrize(("table", "csv_name"), [("table6", "table6_efficiency_llava_onevision.csv"),
                                                  ("table10", "table10_efficiency_llava_video.csv")])  # fmt: skip
 def test_paper_rows_match_the_papers_tables(repo_root: Path, table: str, csv_name: str) -> None:
