@@ -23,17 +23,10 @@ class FlashVIDQwen2_5_VL(FlashVIDModel, Qwen2_5_VL):
     suite_defaults: ClassVar[dict[str, Any]] = {"dtype": "bfloat16", "device": None, "device_map": None}
 
     def _load(self, settings: dict[str, Any]) -> None:
-        from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
         load_qwen_common(self, settings)
-        self._model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            settings["pretrained"], **qwen_load_kwargs(self, settings)
-        ).eval()
-        self.processor = AutoProcessor.from_pretrained(
-            settings["pretrained"], max_pixels=settings["max_pixels"], min_pixels=settings["min_pixels"]
-        )
-        self._tokenizer = AutoTokenizer.from_pretrained(settings["pretrained"])
-        self._config = self._model.config
+        load_qwen_weights(self, settings, Qwen2_5_VLForConditionalGeneration)
 
     def _generate_one(self, request: Instance) -> str:
         with self._inner_call():
@@ -65,8 +58,16 @@ def load_qwen_common(model: Any, settings: dict[str, Any]) -> None:
     model.use_cache = settings["use_cache"]
 
 
-def qwen_load_kwargs(model: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def load_qwen_weights(model: Any, settings: dict[str, Any], model_class: type) -> None:
+    """The checkpoint (`model_class.from_pretrained`), its processor and tokenizer, as lmms-eval's classes hold them."""
+    from transformers import AutoProcessor, AutoTokenizer
+
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings["dtype"]), "device_map": model.device_map}
     if settings.get("attn_implementation") is not None:
         kwargs["attn_implementation"] = settings["attn_implementation"]
-    return kwargs
+    model._model = model_class.from_pretrained(settings["pretrained"], **kwargs).eval()
+    model.processor = AutoProcessor.from_pretrained(
+        settings["pretrained"], max_pixels=settings["max_pixels"], min_pixels=settings["min_pixels"]
+    )
+    model._tokenizer = AutoTokenizer.from_pretrained(settings["pretrained"])
+    model._config = model._model.config

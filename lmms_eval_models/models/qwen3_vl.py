@@ -8,7 +8,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
 
 from lmms_eval_models.models.common import FlashVIDModel
-from lmms_eval_models.models.qwen2_5_vl import load_qwen_common, qwen_load_kwargs
+from lmms_eval_models.models.qwen2_5_vl import load_qwen_common, load_qwen_weights
 
 
 class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
@@ -24,19 +24,12 @@ class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
     suite_defaults: ClassVar[dict[str, Any]] = {"dtype": "bfloat16", "device": None, "device_map": None}
 
     def _load(self, settings: dict[str, Any]) -> None:
-        from transformers import AutoProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+        from transformers import Qwen3VLForConditionalGeneration
 
         load_qwen_common(self, settings)
         self.total_pixels = settings["total_pixels"]
         self.enable_thinking = settings["enable_thinking"]
-        self._model = Qwen3VLForConditionalGeneration.from_pretrained(
-            settings["pretrained"], **qwen_load_kwargs(self, settings)
-        ).eval()
-        self.processor = AutoProcessor.from_pretrained(
-            settings["pretrained"], max_pixels=settings["max_pixels"], min_pixels=settings["min_pixels"]
-        )
-        self._tokenizer = AutoTokenizer.from_pretrained(settings["pretrained"])
-        self._config = self._model.config
+        load_qwen_weights(self, settings, Qwen3VLForConditionalGeneration)
 
     def _generate_one(self, request: Instance) -> str:
         with self._inner_call():
