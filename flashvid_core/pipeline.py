@@ -189,30 +189,30 @@ def _compress(
     generator: torch.Generator | None,
     dpc_noise: Tensor | None,
 ) -> Compression:
-    num_frames, num_tokens, dim = features.shape
+    num_frames, num_tokens, _ = features.shape
     device = features.device
     budget = num_selected + num_merged
     frame_arange = torch.arange(num_frames, device=device)
 
-    if num_selected + num_merged > 0 and _cuda_stage.applies(features, config):
+    if budget > 0 and _cuda_stage.applies(features, config):
         plan = _cuda_stage.Plan(
             num_selected, num_merged, config.token_selection_method, True if config.adts_forbid_repick else None,
             config.temporal_threshold, budget, max(segment_lengths) > 1,
         )
         stage = _cuda_stage.run(features, attention, segment_lengths, plan)
         if stage is not None:
-            return _compress_from_stage(features, stage, segment_lengths, num_selected, num_merged, generator,
-                                        dpc_noise)
+            values = _RootValues(stage.sums, stage.counts, features.dtype) if num_merged > 0 else None
+            return _finish(features, stage.keep, values, stage.token_order, stage.passed_counts, segment_lengths,
+                           num_selected, num_merged, generator, dpc_noise)
     # Token selection for every frame at once (event relevance is per segment).
     selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
-    pieces_tokens: list[Tensor] = []
-    pieces_indices: list[Tensor] = []
     # One float32 copy serves selection distances and TSTM sums (a no-op for float32 inputs); for float32 inputs
     # selection and TSTM normalise identically, so the unit-norm features are computed once.
     features_float32 = features.float()
     normalized = None
     if features.dtype == torch.float32 and num_selected > 0 and num_merged > 0 and max(segment_lengths) > 1:
         normalized = features / features.norm(p=2, dim=-1, keepdim=True)
+    keep = None
     if num_selected > 0:
         keep = select_tokens(
             features_float32,
@@ -224,65 +224,47 @@ def _compress(
             normalized=normalized,
         )  # (F, K)
         selected[frame_arange.unsqueeze(-1), keep] = True
-        pieces_tokens.append(features[frame_arange.unsqueeze(-1), keep].reshape(-1, dim))
-        pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + keep).reshape(-1))
-
-    segment_num_tokens = [num_selected * length for length in segment_lengths]
+    values = token_order = passed_counts = None
     if num_merged > 0:
-        cluster_tokens, cluster_indices, per_segment = _contextual_tokens(
-            features, features_float32, normalized, selected, segment_lengths, config, budget, num_merged,
-            generator, dpc_noise,
+        values, token_order, passed_counts = _passed_tokens(
+            features, features_float32, normalized, selected, segment_lengths, config, budget
         )
-        pieces_tokens.extend(cluster_tokens)
-        pieces_indices.extend(cluster_indices)
-        segment_num_tokens = [a + b for a, b in zip(segment_num_tokens, per_segment)]
-
-    return _assemble(features, pieces_tokens, pieces_indices, segment_lengths, segment_num_tokens, num_selected,
-                     num_merged)
+    return _finish(features, keep, values, token_order, passed_counts, segment_lengths, num_selected, num_merged,
+                   generator, dpc_noise)
 
 
-def _compress_from_stage(
+def _finish(
     features: Tensor,
-    stage: _cuda_stage.StageOutput,
+    keep: Tensor | None,
+    values: _RootValues | None,
+    token_order: Tensor | None,
+    passed_counts: Tensor | None,
     segment_lengths: list[int],
     num_selected: int,
     num_merged: int,
     generator: torch.Generator | None,
     dpc_noise: Tensor | None,
 ) -> Compression:
-    """The rest of `_compress` after the CUDA stage (same steps as the eager path from the cluster counts on)."""
+    """From the selected tokens (keep (F, K) or None) and the passed-on tokens (values, token_order (F, N),
+    passed_counts (F,) on the device; None without merged tokens): DPC-kNN per frame, then every token ordered by
+    global index (new tensors: nothing aliases the inputs or a CUDA graph's buffers)."""
     num_frames, num_tokens, dim = features.shape
-    frame_arange = torch.arange(num_frames, device=features.device)
+    device = features.device
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
-    if stage.keep is not None:
-        pieces_tokens.append(features[frame_arange.unsqueeze(-1), stage.keep].reshape(-1, dim))
-        pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + stage.keep).reshape(-1))
+    if keep is not None:
+        frame_arange = torch.arange(num_frames, device=device)
+        pieces_tokens.append(features[frame_arange.unsqueeze(-1), keep].reshape(-1, dim))
+        pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + keep).reshape(-1))
     segment_num_tokens = [num_selected * length for length in segment_lengths]
     if num_merged > 0:
-        values = _RootValues(stage.sums, stage.counts, features.dtype)
-        passed_counts: list[int] = stage.passed_counts.tolist()  # the stage's one device read
+        counts: list[int] = passed_counts.tolist()  # the device read: cluster counts are host arithmetic
         cluster_tokens, cluster_indices, per_segment = _cluster_passed(
-            values, stage.token_order, passed_counts, segment_lengths, num_merged, generator, dpc_noise
+            values, token_order, counts, segment_lengths, num_merged, generator, dpc_noise
         )
         pieces_tokens.extend(cluster_tokens)
         pieces_indices.extend(cluster_indices)
         segment_num_tokens = [a + b for a, b in zip(segment_num_tokens, per_segment)]
-    return _assemble(features, pieces_tokens, pieces_indices, segment_lengths, segment_num_tokens, num_selected,
-                     num_merged)
-
-
-def _assemble(
-    features: Tensor,
-    pieces_tokens: list[Tensor],
-    pieces_indices: list[Tensor],
-    segment_lengths: list[int],
-    segment_num_tokens: list[int],
-    num_selected: int,
-    num_merged: int,
-) -> Compression:
-    """All pieces ordered by global index (new tensors: nothing aliases the inputs or a CUDA graph's buffers)."""
-    device, dim = features.device, features.shape[-1]
     if pieces_indices:
         all_indices = torch.cat(pieces_indices)
         all_tokens = torch.cat(pieces_tokens)
@@ -303,7 +285,7 @@ def _assemble(
     )
 
 
-def _contextual_tokens(
+def _passed_tokens(
     features: Tensor,
     features_float32: Tensor,
     normalized: Tensor | None,
@@ -311,11 +293,9 @@ def _contextual_tokens(
     segment_lengths: list[int],
     config: FlashVIDConfig,
     budget: int,
-    num_merged: int,
-    generator: torch.Generator | None,
-    dpc_noise: Tensor | None,
-) -> tuple[list[Tensor], list[Tensor], list[int]]:
-    """TSTM then per-frame DPC-kNN. Returns token pieces, index pieces and tokens per segment."""
+) -> tuple[_RootValues, Tensor, Tensor]:
+    """TSTM: the tokens each frame passes on to DPC-kNN. Returns their values, token_order (F, N) (each frame's
+    passed tokens first, in index order) and passed_counts (F,) on the device."""
     num_frames, num_tokens, _ = features.shape
     device, dtype = features.device, features.dtype
     layout = frame_layout(segment_lengths, device)  # one transfer, shared with TSTM
@@ -346,8 +326,7 @@ def _contextual_tokens(
         values = _RootValues(features, None, dtype)
     # Per frame, the passed-on tokens first, in index order (a stable sort of the "not passed" flags).
     token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)  # (F, N)
-    passed_counts: list[int] = passed.sum(dim=-1).tolist()  # sync 2: cluster counts are host arithmetic
-    return _cluster_passed(values, token_order, passed_counts, segment_lengths, num_merged, generator, dpc_noise)
+    return values, token_order, passed.sum(dim=-1)
 
 
 def _cluster_passed(
