@@ -13,13 +13,38 @@ compile failure falls back to the PyTorch code. `tests/test_gpu_fast_paths.py` c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from ._transfer import int_tensors
 
 ENABLED = True
 
 _kernels: dict[str, object] = {}
-_failed = False
+_failed: set[str] = set()
+
+
+def lazy_kernel(name: str, build: Callable[[], object]) -> object | None:
+    """What `build()` returns (Triton kernels), built on first use and kept; None once building failed (no
+    Triton) or `disable(name)` was called after a failed launch, so the caller takes its PyTorch path. Used by
+    every Triton kernel of the project (this module's, the DPC draws, the LLaVA statistic)."""
+    if name in _failed:
+        return None
+    if name not in _kernels:
+        try:
+            _kernels[name] = build()
+        except Exception:  # no triton
+            _failed.add(name)
+            return None
+    return _kernels[name]
+
+
+def disable(name: str) -> None:
+    """After a failed launch (a compile error): the caller's PyTorch path from now on."""
+    _failed.add(name)
 
 
 def _build() -> dict[str, object]:  # pragma: no cover - needs triton and a CUDA device
@@ -103,97 +128,100 @@ def _build() -> dict[str, object]:  # pragma: no cover - needs triton and a CUDA
 
 
 def _kernel(name: str):
-    global _failed
-    if not ENABLED or _failed:
+    if not ENABLED:
         return None
-    if not _kernels:
-        try:
-            _kernels.update(_build())
-        except Exception:  # no triton
-            _failed = True
-            return None
-    return _kernels[name]
+    kernels = lazy_kernel(__name__, _build)
+    return None if kernels is None else kernels[name]
 
 
 def greedy_max_min(distances: Tensor, num_picks: int, forbid_repick: bool, picked_value: float) -> Tensor | None:
     """`selection._greedy` in one launch: distances (B, N, N) float32 CUDA -> picks (B, num_picks) int64, or None."""
-    batch, num_tokens, _ = distances.shape
-    if not distances.is_cuda or distances.dtype != torch.float32 or num_tokens > 4096 or num_picks < 1:
+    if not distances.is_cuda or distances.dtype != torch.float32 or distances.shape[1] > 4096 or num_picks < 1:
         return None
     kernel = _kernel("greedy")
     if kernel is None:
         return None
-    distances = distances.contiguous()
-    picks = torch.empty(batch, num_picks, dtype=torch.long, device=distances.device)
-    block = max(16, 1 << (num_tokens - 1).bit_length())
-    rows = max(1, min(16, 8192 // block))
     try:
-        with torch.cuda.device(distances.device):
-            kernel[(batch,)](distances, picks, num_tokens, num_picks, float(picked_value),
-                             FORBID_REPICK=bool(forbid_repick), BLOCK=block, ROWS=rows)
+        return launch_greedy(kernel, distances, num_picks, forbid_repick, picked_value)
     except Exception:
-        _fail()
+        disable(__name__)
         return None
-    return picks
 
 
 def walk_tree_sums(values: Tensor, children_of: Tensor, segment_lengths: list[int]) -> bool:
     """`merging._stepwise_walk` in place, all segments and feature columns in parallel. values (F, N, D) and
     children_of (F, N, N) float16/bfloat16 CUDA, contiguous. Returns False (values untouched) if it cannot run."""
-    if not values.is_cuda or values.dtype not in (torch.float16, torch.bfloat16) or not values.is_contiguous():
-        return False
-    kernel = _kernel("walk")
-    if kernel is None:
-        return False
-    _, num_tokens, dim = values.shape
     walked = [(start, length) for start, length in _segment_starts(segment_lengths) if length > 1]
-    if not walked:
-        return True
-    meta = torch.tensor([s for s, _ in walked] + [n for _, n in walked], dtype=torch.long)
-    meta = meta.pin_memory().to(values.device, non_blocking=True)
-    block_p = block_c = 64
-    block_d = 64
-    try:
-        with torch.cuda.device(values.device):
-            kernel[(len(walked), -(-dim // block_d))](
-                values, children_of.contiguous(), meta[: len(walked)], meta[len(walked):], num_tokens, dim,
-                BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
-                NUM_P_BLOCKS=-(-num_tokens // block_p), NUM_C_BLOCKS=-(-num_tokens // block_c),
-            )
-    except Exception:
-        _fail()
-        return False
-    return True
+    if not walked:  # nothing to add; True where the kernel path is taken at all
+        return _walk_possible(values) and _kernel("walk") is not None
+    starts, lengths = int_tensors(values.device, *(list(column) for column in zip(*walked)))
+    return _walk(values, children_of, starts, lengths)
 
 
 def walk_tree_sums_by_frame(values: Tensor, children_of: Tensor, segment_start: Tensor, segment_length: Tensor) -> bool:
     """`walk_tree_sums` with the segments given per frame as device tensors (F,) int64: one program per frame and
     column block, the programs of frames that start no multi-frame segment doing nothing. Fixed launch shape and no
     host data (what a CUDA graph can capture). Returns False (values untouched) if it cannot run."""
-    if not values.is_cuda or values.dtype not in (torch.float16, torch.bfloat16) or not values.is_contiguous():
+    frames = torch.arange(values.shape[0], device=values.device)
+    lengths = torch.where(segment_start == frames, segment_length, torch.ones_like(segment_length))
+    return _walk(values, children_of, frames, lengths)
+
+
+def available() -> bool:
+    """True when the kernels can run (enabled, Triton present, no failed launch)."""
+    return _kernel("greedy") is not None
+
+
+def launch_greedy(kernel, distances: Tensor, num_picks: int, forbid_repick: bool, picked_value: float) -> Tensor:
+    """Launch the greedy kernel on distances (B, N, N) float32 -> picks (B, num_picks) int64 (raises on failure).
+    Also runs under Triton's CPU interpreter (the CI test)."""
+    batch, num_tokens, _ = distances.shape
+    distances = distances.contiguous()
+    picks = torch.empty(batch, num_picks, dtype=torch.long, device=distances.device)
+    block = max(16, 1 << (num_tokens - 1).bit_length())
+    rows = max(1, min(16, 8192 // block))
+    with _on(distances.device):
+        kernel[(batch,)](distances, picks, num_tokens, num_picks, float(picked_value),
+                         FORBID_REPICK=bool(forbid_repick), BLOCK=block, ROWS=rows)
+    return picks
+
+
+def launch_walk(kernel, values: Tensor, children_of: Tensor, starts: Tensor, lengths: Tensor) -> None:
+    """Launch the walk kernel in place: one program per (start, length) pair (S,) int64 and block of 64 feature
+    columns (raises on failure). Also runs under Triton's CPU interpreter (the CI test)."""
+    _, num_tokens, dim = values.shape
+    blocks = -(-num_tokens // WALK_BLOCK)
+    with _on(values.device):
+        kernel[(starts.numel(), -(-dim // WALK_BLOCK))](
+            values, children_of.contiguous(), starts, lengths, num_tokens, dim,
+            BLOCK_P=WALK_BLOCK, BLOCK_C=WALK_BLOCK, BLOCK_D=WALK_BLOCK, NUM_P_BLOCKS=blocks, NUM_C_BLOCKS=blocks,
+        )
+
+
+WALK_BLOCK = 64
+
+
+def _walk_possible(values: Tensor) -> bool:
+    return values.is_cuda and values.dtype in (torch.float16, torch.bfloat16) and values.is_contiguous()
+
+
+def _walk(values: Tensor, children_of: Tensor, starts: Tensor, lengths: Tensor) -> bool:
+    if not _walk_possible(values):
         return False
     kernel = _kernel("walk")
     if kernel is None:
         return False
-    num_frames, num_tokens, dim = values.shape
-    frames = torch.arange(num_frames, device=values.device)
-    lengths = torch.where(segment_start == frames, segment_length, torch.ones_like(segment_length))
     try:
-        with torch.cuda.device(values.device):
-            kernel[(num_frames, -(-dim // 64))](
-                values, children_of.contiguous(), frames, lengths, num_tokens, dim,
-                BLOCK_P=64, BLOCK_C=64, BLOCK_D=64,
-                NUM_P_BLOCKS=-(-num_tokens // 64), NUM_C_BLOCKS=-(-num_tokens // 64),
-            )
+        launch_walk(kernel, values, children_of, starts, lengths)
     except Exception:
-        _fail()
+        disable(__name__)
         return False
     return True
 
 
-def available() -> bool:
-    """True when the kernels can run (enabled, Triton present and compiled once)."""
-    return _kernel("greedy") is not None
+def _on(device: torch.device):
+    """The device's CUDA context for a launch (nothing for CPU tensors, as under the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _segment_starts(segment_lengths: list[int]) -> list[tuple[int, int]]:
@@ -202,8 +230,3 @@ def _segment_starts(segment_lengths: list[int]) -> list[tuple[int, int]]:
         starts.append((offset, length))
         offset += length
     return starts
-
-
-def _fail() -> None:
-    global _failed
-    _failed = True

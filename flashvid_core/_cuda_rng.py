@@ -14,13 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._cuda_kernels import disable, lazy_kernel
+from ._transfer import int_tensors
+
 # PyTorch advances the Philox offset by 4 per uniform call below this size (one grid-stride pass).
 MAX_FUSED_DRAW = 256 * 1024
 _OFFSET_PER_CALL = 4
-
-_kernel = None
-_unavailable = False
-
 
 def _build_kernel():  # pragma: no cover - needs triton and a CUDA device
     import triton
@@ -46,16 +45,6 @@ def _build_kernel():  # pragma: no cover - needs triton and a CUDA device
     return uniform_draws_kernel
 
 
-def _get_kernel():
-    global _kernel, _unavailable
-    if _kernel is None and not _unavailable:
-        try:
-            _kernel = _build_kernel()
-        except Exception:  # no triton: the caller draws per call
-            _unavailable = True
-    return _kernel
-
-
 def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
     if generator is not None:
         return generator
@@ -71,7 +60,7 @@ def fused_uniform_draws(sizes: list[int], device: torch.device, generator: torch
     """
     if not sizes or max(sizes) > MAX_FUSED_DRAW or min(sizes) < 1 or torch.cuda.is_current_stream_capturing():
         return None
-    kernel = _get_kernel()
+    kernel = lazy_kernel(__name__, _build_kernel)
     if kernel is None:
         return None
     gen = _generator_for(device, generator)
@@ -81,15 +70,14 @@ def fused_uniform_draws(sizes: list[int], device: torch.device, generator: torch
     starts = [0] * len(sizes)
     for index in range(1, len(sizes)):
         starts[index] = starts[index - 1] + sizes[index - 1]
-    meta = torch.tensor(starts + sizes, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+    start_tensor, size_tensor = int_tensors(device, starts, sizes)
     out = torch.empty(sum(sizes), dtype=torch.float32, device=device)
     try:
         with torch.cuda.device(device):
-            kernel[(len(sizes),)](out, meta[: len(sizes)], meta[len(sizes) :], seed, offset // _OFFSET_PER_CALL,
+            kernel[(len(sizes),)](out, start_tensor, size_tensor, seed, offset // _OFFSET_PER_CALL,
                                   BLOCK=256)
     except Exception:  # a compile failure: fall back for the rest of the process
-        global _unavailable
-        _unavailable = True
+        disable(__name__)
         return None
     gen.set_offset(offset + _OFFSET_PER_CALL * len(sizes))
     return out

@@ -424,3 +424,22 @@ def test_cuda_stage_failure_disables_it_with_a_warning(monkeypatch):
         assert _cuda_stage.run(features, attention, [4], plan) is None
     assert _cuda_stage._broken and isinstance(_cuda_stage.last_error, RuntimeError)
     assert _cuda_stage.run(features, attention, [4], plan) is None  # stays off, silently
+
+
+def test_lazy_kernel_builds_once_and_stays_off_after_a_failure():
+    from flashvid_core import _cuda_kernels
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return "kernel"
+
+    def broken():
+        raise ImportError("no triton")
+
+    assert _cuda_kernels.lazy_kernel("test-good", build) == "kernel"
+    assert _cuda_kernels.lazy_kernel("test-good", build) == "kernel" and len(calls) == 1
+    assert _cuda_kernels.lazy_kernel("test-broken", broken) is None
+    _cuda_kernels.disable("test-good")
+    assert _cuda_kernels.lazy_kernel("test-good", build) is None and len(calls) == 1

@@ -28,10 +28,7 @@ CHECK = textwrap.dedent(
         distances = (torch.round(distances * 4) / 4).contiguous()  # exact ties
         for forbid, picked_value in ((True, -1.0), (False, -1.0), (True, float("-inf"))):
             expected = selection._greedy(distances, picks, forbid, picked_value)
-            got = torch.empty(3, picks, dtype=torch.long)
-            block = max(16, 1 << (tokens - 1).bit_length())
-            kernels["greedy"][(3,)](distances, got, tokens, picks, picked_value, FORBID_REPICK=forbid, BLOCK=block,
-                                    ROWS=4)
+            got = _cuda_kernels.launch_greedy(kernels["greedy"], distances, picks, forbid, picked_value)
             assert torch.equal(got, expected), (seed, forbid, picked_value, got, expected)
 
     generator = torch.Generator().manual_seed(1)
@@ -47,9 +44,12 @@ CHECK = textwrap.dedent(
     expected = features.clone()
     merging._stepwise_walk(expected, children_of)
     walked = features.clone()
-    meta = torch.tensor([0, 4, 7, 4, 3, 5])
-    kernels["walk"][(3, 2)](walked, children_of, meta[:3], meta[3:], tokens, dim, BLOCK_P=16, BLOCK_C=16,
-                            BLOCK_D=32, NUM_P_BLOCKS=2, NUM_C_BLOCKS=2)
+    _cuda_kernels.launch_walk(kernels["walk"], walked, children_of, torch.tensor([0, 4, 7]), torch.tensor([4, 3, 5]))
+    assert torch.equal(walked, expected)
+    # the per-frame launch shape of the CUDA graph stage: frames that start no multi-frame segment do nothing
+    walked = features.clone()
+    lengths = torch.tensor([4, 1, 1, 1, 3, 1, 1, 5, 1, 1, 1, 1])
+    _cuda_kernels.launch_walk(kernels["walk"], walked, children_of, torch.arange(frames), lengths)
     assert torch.equal(walked, expected)
     print("kernels agree")
     """

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-_kernel = None
-_unavailable = False
+from flashvid_core._cuda_kernels import disable, lazy_kernel
 
 
 def _build_kernel():  # pragma: no cover - needs triton and a CUDA device
@@ -72,16 +71,6 @@ def _build_kernel():  # pragma: no cover - needs triton and a CUDA device
     return received_kernel
 
 
-def _get_kernel():
-    global _kernel, _unavailable
-    if _kernel is None and not _unavailable:
-        try:
-            _kernel = _build_kernel()
-        except Exception:  # no triton: the caller computes the plain way
-            _unavailable = True
-    return _kernel
-
-
 BLOCK_M = 64
 BLOCK_N = 64
 
@@ -96,7 +85,7 @@ def fused_attention_received(queries: torch.Tensor, keys: torch.Tensor, scale: f
         return None
     if queries.stride(-1) != 1 or keys.stride(-1) != 1:
         return None
-    kernel = _get_kernel()
+    kernel = lazy_kernel(__name__, _build_kernel)
     if kernel is None:
         return None
     batch, heads, length, head_dim = queries.shape
@@ -112,7 +101,6 @@ def fused_attention_received(queries: torch.Tensor, keys: torch.Tensor, scale: f
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, IS_BF16=queries.dtype == torch.bfloat16,
             )
     except Exception:  # a compile failure: the plain way from now on
-        global _unavailable
-        _unavailable = True
+        disable(__name__)
         return None
     return partial.sum(dim=(1, 2))
