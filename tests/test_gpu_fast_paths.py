@@ -42,15 +42,8 @@ def test_fused_draws_advance_the_default_generator_like_per_call_draws():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_compress_on_cuda_is_the_same_with_fused_draws(monkeypatch, dtype):
-    features, attention = _video(24, 196, 256, dtype)
-    config = fc.FlashVIDConfig(retention_ratio=0.1)
-    torch.manual_seed(11)
-    fused = fc.compress(features, attention, config)
-    monkeypatch.setattr(clustering, "USE_FUSED_CUDA_DRAWS", False)
-    torch.manual_seed(11)
-    per_call = fc.compress(features, attention, config)
-    assert torch.equal(fused.indices, per_call.indices)
-    assert torch.equal(fused.tokens, per_call.tokens)
+    _assert_same_with_and_without(monkeypatch, clustering, "USE_FUSED_CUDA_DRAWS", _video(24, 196, 256, dtype),
+                                  fc.FlashVIDConfig(retention_ratio=0.1), seed=11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -59,6 +52,18 @@ def test_half_to_float_softmax_equals_softmax_with_dtype(dtype):
 
     logits = (torch.randn(4, 16, 89, 729, device="cuda") * 4).to(dtype)
     assert torch.equal(softmax_float32(logits), torch.softmax(logits, dim=-1, dtype=torch.float32))
+
+
+def _assert_same_with_and_without(monkeypatch, module, flag: str, video, config: fc.FlashVIDConfig, seed: int) -> None:
+    """compress gives identical indices and tokens with the fast path `module.flag` on and off."""
+    features, attention = video
+    torch.manual_seed(seed)
+    fast = fc.compress(features, attention, config)
+    monkeypatch.setattr(module, flag, False)
+    torch.manual_seed(seed)
+    plain = fc.compress(features, attention, config)
+    assert torch.equal(fast.indices, plain.indices)
+    assert torch.equal(fast.tokens, plain.tokens)
 
 
 def _video(frames: int, tokens: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,15 +144,8 @@ def test_triton_tree_walk_equals_the_frame_by_frame_walk(dtype):
 def test_compress_on_cuda_is_the_same_with_and_without_the_triton_kernels(monkeypatch, dtype, method):
     from flashvid_core import _cuda_kernels
 
-    features, attention = _video(64, 196, 512, dtype)
-    config = fc.FlashVIDConfig(retention_ratio=0.1, token_selection_method=method)
-    torch.manual_seed(2)
-    fused = fc.compress(features, attention, config)
-    monkeypatch.setattr(_cuda_kernels, "ENABLED", False)
-    torch.manual_seed(2)
-    plain = fc.compress(features, attention, config)
-    assert torch.equal(fused.indices, plain.indices)
-    assert torch.equal(fused.tokens, plain.tokens)
+    _assert_same_with_and_without(monkeypatch, _cuda_kernels, "ENABLED", _video(64, 196, 512, dtype),
+                                  fc.FlashVIDConfig(retention_ratio=0.1, token_selection_method=method), seed=2)
 
 
 @needs_triton
