@@ -101,29 +101,13 @@ def merge_decisions(
     (L * N - floor * L)-th largest max_sim of the segment, clamped to >= -1 + 1e-6, still compared with a
     strict '>'. layout: frame_layout(segment_lengths) if the caller holds it. Returns merged (F, N) bool.
     """
-    num_frames, num_tokens = max_sim.shape
-    device = max_sim.device
-    num_segments = len(segment_lengths)
-    segment_of_frame, _, _, lengths = layout if layout is not None else frame_layout(segment_lengths, device)
-    # Thresholds live in max_sim's dtype, as the reference compares a tensor of that dtype with a Python float.
-    threshold = torch.full((num_segments,), temporal_threshold, dtype=max_sim.dtype, device=device)
-    merged = max_sim > threshold[segment_of_frame].unsqueeze(-1)
-    kept = torch.zeros(num_segments, dtype=torch.long, device=device)
-    kept.index_add_(0, segment_of_frame, (~merged).sum(dim=-1))
-    lower_bound = lengths * kept_per_frame_floor
-    floor_used = (kept < lower_bound) & (lengths > 1)
-    # k-th largest max_sim per segment: one stable sort on (segment, -max_sim); float64 keys are exact here.
-    num_largest = lengths * num_tokens - lower_bound  # (S,)
-    token_segment = segment_of_frame.repeat_interleave(num_tokens)
-    keys = token_segment.double() * 4.0 - max_sim.flatten().double()
-    sorted_sims = max_sim.flatten()[torch.argsort(keys, stable=True)]
-    first_token = (torch.cumsum(lengths, 0) - lengths) * num_tokens
-    position = (first_token + num_largest - 1).clamp(0, max(num_frames * num_tokens - 1, 0))
-    floor_threshold = torch.clamp_min(sorted_sims[position], MIN_FLOOR_THRESHOLD)
-    # A floor asking to merge nothing (budget == N) keeps everything (the official code fails there).
-    floor_threshold = torch.where(num_largest > 0, floor_threshold, torch.full_like(floor_threshold, math.inf))
-    threshold = torch.where(floor_used, floor_threshold, threshold)
-    return max_sim > threshold[segment_of_frame].unsqueeze(-1)
+    segment_of_frame, _, frame_length, lengths = layout if layout is not None else frame_layout(
+        segment_lengths, max_sim.device
+    )
+    segment_start = (torch.cumsum(lengths, 0) - lengths)[segment_of_frame]
+    return merge_decisions_by_frame(
+        max_sim, temporal_threshold, segment_of_frame, segment_start, frame_length, kept_per_frame_floor
+    )
 
 
 def merge_decisions_by_frame(
@@ -136,19 +120,22 @@ def merge_decisions_by_frame(
 ) -> Tensor:
     """`merge_decisions` with the segments given per frame as device tensors: fixed shapes, no host data (what a
     CUDA graph can capture). segment_ids, segment_start (first frame of the frame's segment), segment_length:
-    (F,) int64. Returns merged (F, N) bool, equal to merge_decisions."""
+    (F,) int64. Returns merged (F, N) bool (merge_decisions is this with the segments from their lengths)."""
     num_frames, num_tokens = max_sim.shape
+    # Thresholds live in max_sim's dtype, as the reference compares a tensor of that dtype with a Python float.
     merged = max_sim > torch.full((), temporal_threshold, dtype=max_sim.dtype, device=max_sim.device)
     same_segment = (segment_ids.unsqueeze(1) == segment_ids.unsqueeze(0)).long()  # (F, F)
     kept = (same_segment * (~merged).sum(dim=-1).unsqueeze(0)).sum(dim=-1)  # tokens kept in the frame's segment
     lower_bound = segment_length * kept_per_frame_floor
     floor_used = (kept < lower_bound) & (segment_length > 1)
+    # k-th largest max_sim per segment: one stable sort on (segment, -max_sim); float64 keys are exact here.
     num_largest = segment_length * num_tokens - lower_bound  # (F,) per frame, of its segment
     token_segment = segment_ids.unsqueeze(-1).expand(-1, num_tokens).reshape(-1)
     keys = token_segment.double() * 4.0 - max_sim.flatten().double()
     sorted_sims = max_sim.flatten()[torch.argsort(keys, stable=True)]
     position = (segment_start * num_tokens + num_largest - 1).clamp(0, max(num_frames * num_tokens - 1, 0))
     floor_threshold = torch.clamp_min(sorted_sims[position], MIN_FLOOR_THRESHOLD)
+    # A floor asking to merge nothing (budget == N) keeps everything (the official code fails there).
     floor_threshold = torch.where(num_largest > 0, floor_threshold, torch.full_like(floor_threshold, math.inf))
     threshold = torch.where(floor_used, floor_threshold, torch.full_like(floor_threshold, temporal_threshold))
     return max_sim > threshold.unsqueeze(-1)
@@ -227,11 +214,11 @@ def stepwise_tree_sums(
     values = features.clone()
     lengths = segment_lengths if segment_lengths is not None else [num_frames]
     steps = max(lengths, default=1) - 1
-    if steps > 0 and walk_tree_sums(values, children_of, lengths):  # CUDA: one Triton launch
-        pass
-    elif 0 < steps <= (num_frames - 1) // 2:
+    if steps == 0 or walk_tree_sums(values, children_of, lengths):  # nothing to add, or CUDA: one Triton launch
+        return values, counts
+    if steps <= (num_frames - 1) // 2:
         _walk_by_segments(values, children_of, lengths)
-    elif features.is_cuda and _selection_graphs_enabled() and num_frames > 1:
+    elif features.is_cuda and _selection_graphs_enabled():
         values = _walk_with_graph(values, children_of)
     else:
         _stepwise_walk(values, children_of)
