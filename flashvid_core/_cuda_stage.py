@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda_kernels
-from ._transfer import int_tensors
 from .config import FlashVIDConfig
-from .merging import merge_decisions_by_frame, stepwise_tree_sums_by_frame, temporal_parents
+from .merging import frame_layout, merge_decisions_by_frame, stepwise_tree_sums_by_frame, temporal_parents
 from .selection import select_tokens
 
 ENABLED = True
@@ -171,15 +170,6 @@ def _capture(inputs: tuple[Tensor, ...], plan: Plan) -> tuple:
 
 
 def _frame_segments(segment_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per frame: segment index, first frame of its segment, its length (F,) int64, in one transfer."""
-    ids: list[int] = []
-    starts: list[int] = []
-    lengths: list[int] = []
-    offset = 0
-    for segment, length in enumerate(segment_lengths):
-        ids.extend([segment] * length)
-        starts.extend([offset] * length)
-        lengths.extend([length] * length)
-        offset += length
-    segment_ids, segment_start, segment_length = int_tensors(device, ids, starts, lengths)
-    return segment_ids, segment_start, segment_length
+    """Per frame: segment index, first frame of its segment, its length (F,) int64 (one transfer)."""
+    segment_ids, _, segment_length, lengths = frame_layout(segment_lengths, device)
+    return segment_ids, (torch.cumsum(lengths, 0) - lengths)[segment_ids], segment_length
