@@ -132,10 +132,12 @@ def _assign(dists: Tensor, centres: Tensor, num_clusters: int | Tensor) -> Tenso
         used = slot < num_clusters.unsqueeze(-1)
         to_centres = to_centres.masked_fill(~used.unsqueeze(1), float("inf"))
     assignment = to_centres.argmin(dim=-1)
-    if isinstance(num_clusters, Tensor):
-        # Unused slots write back what is already there, so only the real centres are forced.
-        slot = torch.where(used, slot, assignment.gather(1, centres))
-    return assignment.scatter(1, centres, slot)
+    if not isinstance(num_clusters, Tensor):
+        return assignment.scatter(1, centres, slot)
+    # Only the real centres are forced. Unused slots may repeat a real centre's index (exact-tie rows leave them
+    # 0), so a plain scatter could overwrite that centre's slot: the max over -1 and its one real slot cannot.
+    forced = torch.full_like(assignment, -1).scatter_reduce(1, centres, torch.where(used, slot, -1), "amax")
+    return torch.where(forced >= 0, forced, assignment)
 
 
 @torch.no_grad()

@@ -233,6 +233,48 @@ def test_low_precision_matches_the_stepwise_loop_implementation(dtype):
         assert torch.allclose(out.tokens.float(), loop_tokens.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_duplicate_tokens_keep_every_centre_in_its_own_cluster():
+    # Exact duplicate tokens (static or padded frames) put two centres at distance 0 from a point. Each centre
+    # must still be forced into its own cluster, also in frames clustered with fewer clusters than the batch's
+    # widest frame (a regression: such rows' unused centre slots could overwrite the centre at token 0).
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        base = torch.randn(1, 40, 12, generator=generator)
+        features = base + 0.3 * torch.randn(14, 40, 12, generator=generator)
+        features[:, 1] = features[:, 0]
+        attention = torch.rand(14, 40, generator=generator)
+        config = fc.FlashVIDConfig(retention_ratio=0.6, alpha=0.0, token_selection_method="attn", min_segment_num=8)
+        torch.manual_seed(seed)
+        loop_tokens, loop_indices = LOOP.loop_compress(features, attention, config)
+        torch.manual_seed(seed)
+        out = fc.compress(features, attention, config)
+        assert torch.equal(out.indices, loop_indices)
+        assert torch.allclose(out.tokens, loop_tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_dpc_forces_centres_with_fewer_clusters_than_the_batch():
+    # Row 0 makes all 4 of its points centres, using 4 of the batch's 5 cluster slots; its tokens 0 and 1 are
+    # duplicates, so token 0 (the less dense: score 0, last slot) lies at distance 0 from token 1's centre too.
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(2, 12, 6, generator=generator)
+    points[0, 1] = points[0, 0]
+    noise = torch.rand(2, 12, generator=generator)
+    noise[0, 0], noise[0, 1] = 0.0, 1.0
+    counts, clusters, neighbours = [4, 12], [4, 5], [4, 5]
+    assignment, centres = fc.dpc_knn_ragged(
+        points, torch.tensor(counts), torch.tensor(clusters), torch.tensor(neighbours), noise, counts, clusters,
+        neighbours,
+    )
+    for row in range(2):
+        count = counts[row]
+        single_assignment, single_centres = fc.dpc_knn(
+            points[row : row + 1, :count], clusters[row], neighbours[row], noise=noise[row : row + 1, :count]
+        )
+        assert torch.equal(centres[row, : clusters[row]], single_centres[0])
+        assert torch.equal(assignment[row, :count], single_assignment[0])
+    assert centres[0, 3] == 0 and sorted(assignment[0, :4].tolist()) == [0, 1, 2, 3]
+
+
 def test_stepwise_and_vectorised_tree_sums_agree():
     features, attention = LOOP.synthetic_video(6, 36, 16, "cpu", torch.float32, seed=2)
     keep = fc.select_tokens(features, attention, 4, "attn")
