@@ -1,8 +1,9 @@
 """`compress`: FlashVID's vision-side compression of a whole video (spec sections 1-6).
 
-Stages: budgets (host arithmetic) -> DySeg segment lengths (one or two small device reads) -> token selection for all frames at
-once -> TSTM for all multi-frame segments at once -> per-frame cluster counts (one device sync) -> DPC-kNN for
-all frames that need it, padded into at most two batches -> output ordered by global index f * N + n.
+Stages: budgets (host arithmetic) -> DySeg segment lengths and the input check (one or two small device reads) ->
+token selection for all frames at once -> TSTM for all multi-frame segments at once -> per-frame cluster counts
+(one device sync) -> DPC-kNN for all frames that need it, padded into at most two batches -> output ordered by
+global index f * N + n.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ._transfer import int_tensors
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
 from .merging import frame_layout, spatiotemporal_merge
-from .segmentation import video_segment_lengths
+from .segmentation import lengths_from_cuts, transition_cuts
 from .selection import select_tokens
 
 
@@ -71,13 +72,42 @@ def validate_inputs(features: Tensor, attention: Tensor, check_finite: bool = Tr
     if features.device != attention.device:
         raise ValueError(f"features ({features.device}) and attention ({attention.device}) are on different devices")
     if check_finite:
-        # Any NaN or inf reaches its frame's mean (one reduction instead of an elementwise pass over features).
-        frame_means = features.mean(dim=1, dtype=torch.float32)
-        finite = torch.stack([torch.isfinite(frame_means).all(), torch.isfinite(attention).all()]).tolist()
-        if not finite[0]:
-            raise ValueError("features contain NaN or inf")
-        if not finite[1]:
-            raise ValueError("attention contains NaN or inf")
+        _raise_unless_finite(_finite_flags(features, attention).tolist())
+
+
+def _finite_flags(features: Tensor, attention: Tensor) -> Tensor:
+    """(2,) bool on the device, nothing read: features finite, attention finite."""
+    # Any NaN or inf reaches its frame's mean (one reduction instead of an elementwise pass over features).
+    frame_means = features.mean(dim=1, dtype=torch.float32)
+    return torch.stack([torch.isfinite(frame_means).all(), torch.isfinite(attention).all()])
+
+
+def _raise_unless_finite(flags: list[bool]) -> None:
+    if not flags[0]:
+        raise ValueError("features contain NaN or inf")
+    if not flags[1]:
+        raise ValueError("attention contains NaN or inf")
+
+
+def _checked_segment_lengths(
+    features: Tensor, attention: Tensor, config: FlashVIDConfig, check_finite: bool
+) -> list[int]:
+    """DySeg's segment lengths (`video_segment_lengths`), with the inputs' finiteness check in the same device read:
+    one read instead of two (a second only for complementary cuts). Raises ValueError on NaN or inf."""
+    if not config.do_segment:
+        if check_finite:
+            _raise_unless_finite(_finite_flags(features, attention).tolist())
+        return [features.shape[0]]
+    similarities, is_cut = transition_cuts(features.mean(dim=1), config.segment_threshold)
+    flags: list[bool] = (
+        torch.cat([_finite_flags(features, attention), is_cut]).tolist() if check_finite else is_cut.tolist()
+    )
+    if check_finite:
+        _raise_unless_finite(flags[:2])
+        flags = flags[2:]
+    return lengths_from_cuts(
+        similarities, is_cut, flags, config.min_segment_num, config.complementary_segment
+    )
 
 
 def _cluster_counts(num_merged: int, segment_lengths: list[int], passed_counts: list[int]) -> tuple[list[float], list[int]]:
@@ -121,7 +151,7 @@ def compress(
     config = FlashVIDConfig() if config is None else config
     if not isinstance(config, FlashVIDConfig):
         raise ValueError(f"config must be a FlashVIDConfig, got {type(config).__name__}")
-    validate_inputs(features, attention, check_finite)
+    validate_inputs(features, attention, check_finite=False)  # finiteness: read with DySeg's cuts below
     num_tokens = features.shape[1]
     budget, num_selected, num_merged = config.budgets(num_tokens)
     if budget > num_tokens:
@@ -132,9 +162,7 @@ def compress(
         )
     # num_merged > 0 needs alpha < 1, and FlashVIDConfig refuses alpha < 1 with temporal_threshold >= 1.
 
-    segment_lengths = video_segment_lengths(
-        features, config.segment_threshold, config.min_segment_num, config.complementary_segment, config.do_segment
-    )
+    segment_lengths = _checked_segment_lengths(features, attention, config, check_finite)
     return _compress(
         features, attention, config, segment_lengths, num_selected, num_merged, generator, dpc_noise
     )

@@ -42,10 +42,28 @@ def host_segment_lengths(
     complementary_segment: bool = True,
 ) -> list[int]:
     """`segment_lengths` as a host list (the caller's control flow needs it): one or two small device reads."""
-    num_frames = frame_features.shape[0]
+    similarities, is_cut = transition_cuts(frame_features, segment_threshold)
+    return lengths_from_cuts(similarities, is_cut, is_cut.tolist(), min_segment_num, complementary_segment)
+
+
+def transition_cuts(frame_features: Tensor, segment_threshold: float) -> tuple[Tensor, Tensor]:
+    """The first half of `segment_lengths`, nothing read: similarities (F - 1,) and is_cut (F - 1,) bool.
+
+    The caller reads is_cut (possibly with other flags, in one device read) and passes it to lengths_from_cuts.
+    """
     similarities = transition_similarities(frame_features)
-    is_cut = similarities < segment_threshold
-    cut_flags: list[bool] = is_cut.tolist()
+    return similarities, similarities < segment_threshold
+
+
+def lengths_from_cuts(
+    similarities: Tensor,
+    is_cut: Tensor,
+    cut_flags: list[bool],
+    min_segment_num: int,
+    complementary_segment: bool = True,
+) -> list[int]:
+    """The second half of `segment_lengths`: cut_flags is is_cut read to the host. Reads the complementary cuts
+    from the device when there are too few segments."""
     cuts = [t for t, flag in enumerate(cut_flags) if flag]
     num_segments = len(cuts) + 1
     if num_segments < min_segment_num and complementary_segment:
@@ -54,7 +72,7 @@ def host_segment_lengths(
         # torch.topk's choice among equal similarities is part of the reference behaviour.
         extra: list[int] = torch.topk(filled, k=num_extra, largest=False).indices.tolist()
         cuts = sorted(cuts + extra)
-    bounds = [-1, *cuts, num_frames - 1]
+    bounds = [-1, *cuts, len(cut_flags)]
     return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
 
 

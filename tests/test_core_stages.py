@@ -485,3 +485,22 @@ def test_lazy_kernel_builds_once_and_stays_off_after_a_failure():
     assert _cuda_kernels.lazy_kernel("test-broken", broken) is None
     _cuda_kernels.disable("test-good")
     assert _cuda_kernels.lazy_kernel("test-good", build) is None and len(calls) == 1
+
+
+def test_compress_reads_the_device_twice_without_complementary_cuts(monkeypatch):
+    # The input check is read with DySeg's cuts, the cluster counts once: two device reads (syncs on a GPU).
+    features, attention = LOOP.synthetic_video(16, 49, 32, "cpu", torch.float32, seed=0)
+    reads: list[str] = []
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.append("tolist"), tolist(self))[1])
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: (reads.append("item"), item(self))[1])
+    fc.compress(features, attention, fc.FlashVIDConfig(min_segment_num=1))
+    assert reads == ["tolist", "tolist"]
+    reads.clear()
+    fc.compress(features, attention, fc.FlashVIDConfig(min_segment_num=16))  # complementary cuts: one more read
+    assert reads == ["tolist"] * 3
+    with pytest.raises(ValueError, match="features contain NaN"):
+        fc.compress(features.index_fill(1, torch.tensor([3]), float("nan")), attention, fc.FlashVIDConfig())
+    with pytest.raises(ValueError, match="attention contains NaN or inf"):
+        fc.compress(features, attention.index_fill(1, torch.tensor([3]), float("inf")),
+                    fc.FlashVIDConfig(do_segment=False))
