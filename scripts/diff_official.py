@@ -54,9 +54,12 @@ def load_official(root: Path) -> types.ModuleType:
     return module
 
 
-def random_case(rng: random.Random, index: int, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict, str]:
-    """One adversarial (features (F, N, D), attention (F, N), config keywords, description)."""
-    frames, tokens, dim = rng.randint(1, 20), rng.randint(1, 50), rng.randint(1, 24)
+def random_case(
+    rng: random.Random, index: int, seed: int, dtype: torch.dtype, max_shape: tuple[int, int, int] = (20, 50, 24)
+) -> tuple[Tensor, Tensor, dict, str]:
+    """One adversarial (features (F, N, D), attention (F, N), config keywords, description); F, N, D drawn
+    uniformly up to max_shape."""
+    frames, tokens, dim = (rng.randint(1, limit) for limit in max_shape)
     kind = rng.choice(INPUT_KINDS)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
     base = torch.randn(1, tokens, dim, generator=generator)
@@ -128,16 +131,25 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=None,
                         help="token atol = rtol (default 1e-4 for float32, 2e-2 for bfloat16/float16)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-shape", default="20x50x24", help="largest frames x tokens x dim drawn (default 20x50x24)")
     args = parser.parse_args()
     official = load_official(args.official_root)
     official_config_class = official.FlashVidConfig
     dtype = DTYPES[args.dtype]
     tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    try:
+        max_shape = tuple(int(part) for part in args.max_shape.lower().split("x"))
+        if len(max_shape) != 3 or min(max_shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(
+            f"--max-shape {args.max_shape!r}: expected FxNxD with positive integers, e.g. 20x50x24"
+        ) from None
     rng = random.Random(args.seed)
     outcomes: collections.Counter[str] = collections.Counter()
     mismatches: list[str] = []
     for index in range(args.cases):
-        features, attention, keywords, description = random_case(rng, index, args.seed, dtype)
+        features, attention, keywords, description = random_case(rng, index, args.seed, dtype, max_shape)
         features, attention = features.to(args.device), attention.to(args.device)
         if bool((features.float().norm(dim=-1) == 0).any()):
             outcomes["skipped (a zero token: cosine undefined)"] += 1

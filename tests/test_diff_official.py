@@ -81,3 +81,12 @@ def test_missing_checkout_is_a_clear_error(tmp_path):
     result = run(tmp_path / "nothing")
     assert result.returncode != 0
     assert "no flashvid/utils.py there" in result.stderr
+
+
+def test_max_shape_bounds_the_cases_and_bad_values_are_refused(tmp_path):
+    root = stand_in_checkout(tmp_path / "same", shift=False)
+    result = run(root, "--max-shape", "2x3x2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical" in result.stdout
+    bad = run(root, "--max-shape", "2x3")
+    assert bad.returncode != 0 and "expected FxNxD" in bad.stderr
