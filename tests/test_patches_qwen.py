@@ -407,6 +407,26 @@ def test_image_and_video_prompt_identity_reproduces_stock(loaded, family):
     assert model.flashvid_stats.visual_tokens_in == int((inputs["input_ids"] == model.config.video_token_id).sum())
 
 
+def two_greedy_tokens(model, inputs):
+    """generate()'s reference: two greedy tokens with their logits."""
+    torch.manual_seed(0)
+    return model.generate(
+        **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+
+
+def one_cached_step(model, inputs, prefill):
+    """The caller's own decoding step after `prefill`: the greedy token, fed with the original-length mask."""
+    token = prefill.logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+    return token, model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
+
+
+def assert_continues_generate(generated, inputs, token, step) -> None:
+    assert int(token) == int(generated.sequences[0, inputs["input_ids"].shape[1]])
+    torch.testing.assert_close(step.logits[:, -1], generated.logits[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_manual_decoding_step_continues_the_compressed_cache(loaded, family):
     """A caller that drives the cache itself (no generate): original-length mask, no positions given."""
@@ -414,17 +434,11 @@ def test_manual_decoding_step_continues_the_compressed_cache(loaded, family):
     inputs = video_inputs(processor, family)
     apply_flashvid(model, PRUNE)
     with torch.no_grad():
-        torch.manual_seed(0)
-        generated = model.generate(
-            **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
+        generated = two_greedy_tokens(model, inputs)
         torch.manual_seed(0)
         prefill = model(**inputs, use_cache=True)
-        token = prefill.logits[:, -1:].argmax(-1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-        step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
-    assert int(token) == int(generated.sequences[0, inputs["input_ids"].shape[1]])
-    torch.testing.assert_close(step.logits[:, -1], generated.logits[1], atol=1e-4, rtol=1e-4)
+        token, step = one_cached_step(model, inputs, prefill)
+    assert_continues_generate(generated, inputs, token, step)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -495,20 +509,14 @@ def test_prefill_with_given_positions_sets_the_rope_deltas_for_decoding(loaded, 
     inputs = video_inputs(processor, family)
     apply_flashvid(model, PRUNE)
     with torch.no_grad():
-        torch.manual_seed(0)
-        generated = model.generate(
-            **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
+        generated = two_greedy_tokens(model, inputs)
         positions, deltas = _rope_index(model.model, dict(inputs))
         model.model.rope_deltas = deltas + 1000  # what an earlier, longer prompt would have left behind
         torch.manual_seed(0)
         prefill = model(**inputs, position_ids=positions, use_cache=True)
-        token = prefill.logits[:, -1:].argmax(-1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-        step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
+        token, step = one_cached_step(model, inputs, prefill)
     assert torch.equal(model.model.rope_deltas.view(-1), deltas.view(-1).to(model.model.rope_deltas))
-    assert int(token) == int(generated.sequences[0, inputs["input_ids"].shape[1]])
-    torch.testing.assert_close(step.logits[:, -1], generated.logits[1], atol=1e-4, rtol=1e-4)
+    assert_continues_generate(generated, inputs, token, step)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
