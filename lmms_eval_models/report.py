@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from lmms_eval_models.bundled import resolve_sweep_file
 from lmms_eval_models.sweeps import store
 from lmms_eval_models.sweeps.paper import default_paper_dir, paper_frame, values_match
 from lmms_eval_models.sweeps.results import BENCHMARK_COLUMNS, read_scores
@@ -263,7 +264,7 @@ def report_sweep(sweep: Sweep, sweep_dir: Path, out_dir: Path | None = None, pap
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashvid-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_file", type=Path)
+    parser.add_argument("sweep_file", metavar="SWEEP", help="a sweep YAML file, or a built-in sweep's name")
     parser.add_argument("--output-root", default=None, help="where the sweep's runs are (default: its output_root)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: results/<sweep>)")
     parser.add_argument("--paper-dir", type=Path, default=None, help="folder of paper_tables.yaml")
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep_file)
+        sweep = load_sweep(resolve_sweep_file(args.sweep_file))
     except SweepError as error:
         print(f"flashvid-report: invalid sweep file {args.sweep_file}: {error}", file=sys.stderr)
         return 2

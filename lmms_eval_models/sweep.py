@@ -3,11 +3,17 @@
     flashvid-sweep plan   configs/sweeps/table1_llava_onevision.yaml   # every run and its exact command line
     flashvid-sweep run    configs/sweeps/smoke.yaml                    # run what has not finished, then report
     flashvid-sweep status configs/sweeps/smoke.yaml                    # finished / running / failed / pending
+    flashvid-sweep run    smoke --only 'flashvid_qwen2_5_vl.*'         # a built-in sweep by name; some runs only
+
+A sweep is a path to a YAML file or the name of a built-in one (`smoke`, `table1_llava_onevision`, ...: the
+files of configs/sweeps/, shipped in the package, so they work from any folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fnmatch
 import shlex
 import sys
 from collections.abc import Sequence
@@ -15,6 +21,7 @@ from pathlib import Path
 
 import tqdm as tqdm_module
 
+from lmms_eval_models.bundled import builtin_sweeps, resolve_sweep_file
 from lmms_eval_models.sweeps import store
 from lmms_eval_models.sweeps.checks import check_sweep
 from lmms_eval_models.sweeps.command import build_command
@@ -32,10 +39,22 @@ VIDEO_LAYOUTS = {
 
 
 def load_checked(path: str | Path) -> Sweep:
-    """Load, validate and check a sweep file against the installed lmms-eval (before anything starts)."""
-    sweep = load_sweep(path)
+    """Load, validate and check a sweep file (or a built-in sweep's name) against the installed lmms-eval,
+    before anything starts."""
+    sweep = load_sweep(resolve_sweep_file(path))
     check_sweep(sweep)
     return sweep
+
+
+def select_runs(sweep: Sweep, patterns: Sequence[str]) -> Sweep:
+    """The sweep restricted to the runs whose id matches one of the glob patterns (all runs without patterns)."""
+    if not patterns:
+        return sweep
+    runs = tuple(run for run in sweep.runs if any(fnmatch.fnmatchcase(run.run_id, p) for p in patterns))
+    if not runs:
+        ids = ", ".join(run.run_id for run in sweep.runs[:4]) + (", ..." if len(sweep.runs) > 4 else "")
+        raise SweepError("--only", f"no run id matches {' or '.join(map(repr, patterns))} (run ids: {ids})")
+    return dataclasses.replace(sweep, runs=runs)
 
 
 def describe_launcher(launcher: Launcher) -> str:
@@ -151,9 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("plan", "print every run and its exact command line"),
                        ("run", "run the runs that have not finished (resumable), then write the report"),
                        ("status", "show which runs are finished, running, failed or pending")):
-        command = sub.add_parser(name, help=text)
-        command.add_argument("sweep_file", type=Path)
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("sweep_file", metavar="SWEEP",
+                             help="a sweep YAML file, or a built-in sweep's name: " + ", ".join(builtin_sweeps()))
         command.add_argument("--output-root", default=None, help="override the sweep file's output_root")
+        if name in ("plan", "run"):
+            command.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                                 help="only the runs whose id matches this glob (repeatable), e.g. "
+                                      "'flashvid_llava_onevision.vanilla-*'; the others are left untouched")
         if name == "run":
             command.add_argument("--stream", action="store_true", help="show lmms-eval's output live")
             command.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -164,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tqdm_module.tqdm.monitor_interval = 0  # no monitor thread: children are forked with a pre-exec hook
     try:
-        sweep = load_checked(args.sweep_file)
+        sweep = select_runs(load_checked(args.sweep_file), getattr(args, "only", []))
     except SweepError as error:
         print(f"flashvid-sweep: invalid sweep file {args.sweep_file}: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
+from lmms_eval_models.bundled import resolve_include_path, resource_root
 from lmms_eval_models.sweeps.spec import TINY_PREFIX, Sweep, SweepError
 
 _NAME_LINE = re.compile(r"^(task|group|tag)\s*:\s*(.*?)\s*$")
@@ -66,7 +67,7 @@ def builtin_task_root() -> Path:
 def known_task_names(include_paths: Iterable[str | Path] = ()) -> frozenset[str]:
     names = set(_names_under(str(builtin_task_root())))
     for include in include_paths:
-        names |= _names_under(str(Path(include).resolve()))
+        names |= _names_under(str(resolve_include_path(include).resolve()))
     return frozenset(names)
 
 
@@ -85,9 +86,10 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 def check_sweep(sweep: Sweep) -> None:
     """Model ids, task names, include paths and tiny-checkpoint families: raise SweepError naming the key."""
     for index, include in enumerate(sweep.include_path):
-        if not Path(include).is_dir():
+        if not resolve_include_path(include).is_dir():
             raise SweepError(f"include_path[{index}]",
-                             f"{include} is not a folder (relative paths resolve against {Path.cwd()})")
+                             f"{include} is not a folder (relative paths resolve against {Path.cwd()}, "
+                             f"then against the suite's bundled {resource_root()})")
     models = known_model_ids()
     several = len(sweep.models) > 1
     for index, entry in enumerate(sweep.models):

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from lmms_eval_models.bundled import resolve_include_path
 from lmms_eval_models.sweeps.spec import TINY_PREFIX, Launcher, Run, Scalar, render_model_args
 
 
@@ -40,7 +41,7 @@ def lmms_eval_args(run: Run, output_path: Path, model_args: Mapping[str, Scalar]
     if run.limit is not None:
         args += ["--limit", str(run.limit)]
     for include in run.include_path:
-        args += ["--include_path", include]
+        args += ["--include_path", str(resolve_include_path(include))]
     if run.gen_kwargs:
         args += ["--gen_kwargs", run.gen_kwargs]
     return args

@@ -10,6 +10,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from lmms_eval_models.bundled import paper_dir as bundled_paper_dir
+
 PAPER_FILE = "paper_tables.yaml"
 # Ablation tables print overall VideoMME and the EgoSchema "Total" column under short names.
 COLUMN_ALIASES = {"videomme": "videomme_overall", "egoschema": "egoschema_total"}
@@ -17,11 +19,11 @@ _LEADING_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)")
 
 
 def default_paper_dir() -> Path:
-    """results/paper of the current directory, else of the source checkout this module is installed from."""
+    """results/paper of the current directory, else the copy the package ships."""
     here = Path.cwd() / "results" / "paper"
     if (here / PAPER_FILE).is_file():
         return here
-    return Path(__file__).resolve().parents[2] / "results" / "paper"
+    return bundled_paper_dir()
 
 
 @cache
