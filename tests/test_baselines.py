@@ -1,4 +1,4 @@
-"""Baselines (flashvid_core.baselines): budget arithmetic, hand-worked FastV/VisionZip cases, determinism."""
+"""Baselines (lmms_eval_models.methods): budget arithmetic, hand-worked FastV/VisionZip cases, determinism."""
 
 from __future__ import annotations
 
@@ -11,27 +11,22 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashvid_core.baselines import (
-    METHODS,
-    BaselineSettings,
-    budget_for_method,
-    compress_with_method,
-    divprune_select,
-    fastv_keep_positions,
-    fastv_llm_retention_ratio,
-    fastvid_anchor_counts,
-    fastvid_compress,
-    fastvid_token_count,
-    frame_budget,
-    llm_pruning_plan,
-    random_select,
-    uniform_pool,
-    uniform_pool_grid,
-    visionzip_select,
-    visionzip_split,
-)
 from flashvid_core.config import FlashVIDConfig
 from flashvid_core.pipeline import Compression
+from lmms_eval_models.methods import (
+    METHODS,
+    MethodSettings,
+    budget_for_method,
+    compress_with_method,
+    frame_budget,
+    llm_pruning_plan,
+)
+from lmms_eval_models.methods.divprune import divprune_select
+from lmms_eval_models.methods.fastv import fastv_keep_positions, fastv_llm_retention_ratio
+from lmms_eval_models.methods.fastvid import fastvid_anchor_counts, fastvid_compress, fastvid_token_count
+from lmms_eval_models.methods.random_selection import random_select
+from lmms_eval_models.methods.uniform import uniform_pool, uniform_pool_grid
+from lmms_eval_models.methods.visionzip import visionzip_select, visionzip_split
 
 # Per-frame token grids after each model's own pooling: the tiny checkpoints (LLaVA-OV 7×7 SigLIP bilinear-pooled
 # to 4×4, LLaVA-Video average-pooled to 3×3, Qwen2.5-VL/Qwen3-VL 2×2 merged tokens) and the real models
@@ -109,7 +104,7 @@ def test_fastv_worked_budget_at_r_25_percent():
 
 def test_fastv_paper_rule_keeps_r_equal_to_R():
     assert fastv_llm_retention_ratio(0.1, 28, 2, rule="paper") == 0.1
-    plan = llm_pruning_plan("fastv", 0.1, 28, BaselineSettings(fastv_ratio_rule="paper"))
+    plan = llm_pruning_plan("fastv", 0.1, 28, MethodSettings(fastv_ratio_rule="paper"))
     assert plan.llm_retention_ratio == 0.1
 
 
@@ -145,13 +140,13 @@ def test_pre_llm_budgets_keep_floor_n_r_per_frame_for_every_layer(method):
 
 
 def test_settings_parse_model_arg_strings():
-    parsed = BaselineSettings.from_options({"fastv_layer": "1", "fastvid_merging_factor": "0.5", "visionzip_merge": "mean"})
+    parsed = MethodSettings.from_options({"fastv_layer": "1", "fastvid_merging_factor": "0.5", "visionzip_merge": "mean"})
     assert (parsed.fastv_layer, parsed.fastvid_merging_factor, parsed.visionzip_merge) == (1, 0.5, "mean")
-    assert BaselineSettings().to_dict()["fastvid_anchor_step"] == 4
+    assert MethodSettings().to_dict()["fastvid_anchor_step"] == 4
     with pytest.raises(ValueError, match=r"seed='x' is invalid: expected an integer"):
-        BaselineSettings.from_options({"seed": "x"})
+        MethodSettings.from_options({"seed": "x"})
     with pytest.raises(ValueError, match=r"fastvid_merging_factor=1.5 is out of range: allowed \[0.0, 1.0\]"):
-        BaselineSettings.from_options({"fastvid_merging_factor": "1.5"})
+        MethodSettings.from_options({"fastvid_merging_factor": "1.5"})
     report = budget_for_method("fastv", 196, 32, 0.1).to_dict()
     assert report["llm_pruning"]["pruning_layer"] == 2 and report["tokens_after_pruning"] == 193
 
@@ -170,7 +165,7 @@ def test_invalid_arguments_name_the_key_and_range():
     with pytest.raises(ValueError, match=r"retention_ratio=1.5 is out of range: allowed \(0, 1\]"):
         compress_with_method("random", features, attention, 1.5)
     with pytest.raises(ValueError, match=r"visionzip_merge='sum' is invalid"):
-        BaselineSettings(visionzip_merge="sum")
+        MethodSettings(visionzip_merge="sum")
     with pytest.raises(ValueError, match=r"needs the attention statistic"):
         compress_with_method("visionzip", features, None, 0.25)
     with pytest.raises(ValueError, match=r"grid_hw=\(3, 4\) is invalid"):
@@ -226,7 +221,7 @@ def test_every_method_on_the_tiny_checkpoint_grids(method, grid):
     result = compress_with_method(method, features, attention, ratio, grid_hw=grid, **options)
     _check_compression(result, num_frames, num_tokens, features.shape[-1], strict=method != "flashvid")
     budget = budget_for_method(method, num_tokens, num_frames, ratio, TINY_LLM_LAYERS, grid_hw=grid,
-                               settings=BaselineSettings(**options))  # fmt: skip
+                               settings=MethodSettings(**options))  # fmt: skip
     if method == "flashvid":
         # FlashVID's count is data-dependent (ADTS/DPC ceilings): at least the nominal budget, at most all tokens.
         assert budget.tokens_entering_llm <= result.indices.numel() <= num_frames * num_tokens
@@ -242,7 +237,7 @@ def test_every_method_on_the_tiny_checkpoint_grids(method, grid):
 
 def test_fastv_on_the_tiny_llm_with_k_1():
     # L = 4, K = 1, R = 0.625: r = (2.5 − 1) / 3 = 0.5; 4 frames of 16 tokens: 64 enter, ceil(32) after layer 1.
-    budget = budget_for_method("fastv", 16, 4, 0.625, TINY_LLM_LAYERS, settings=BaselineSettings(fastv_layer=1))
+    budget = budget_for_method("fastv", 16, 4, 0.625, TINY_LLM_LAYERS, settings=MethodSettings(fastv_layer=1))
     assert budget.llm_pruning.llm_retention_ratio == 0.5
     assert (budget.tokens_entering_llm, budget.tokens_after_pruning) == (64, 32)
     assert budget.average_tokens_per_layer == (64 * 1 + 32 * 3) / 4 == 0.625 * 64
@@ -254,7 +249,7 @@ def test_fastv_keep_positions_hand_worked():
     # so ceil(6 · 0.5) = 3 visual tokens stay. Visual attention: 3:.05 4:.30 5:.01 6:.20 7:.02 8:.10 -> the top
     # three are 4, 6, 8. Text is always kept: [0, 1, 2, 4, 6, 8, 9].
     attention = torch.tensor([0.2, 0.1, 0.1, 0.05, 0.30, 0.01, 0.20, 0.02, 0.10, 0.9])
-    plan = llm_pruning_plan("fastv", 0.625, TINY_LLM_LAYERS, BaselineSettings(fastv_layer=1))
+    plan = llm_pruning_plan("fastv", 0.625, TINY_LLM_LAYERS, MethodSettings(fastv_layer=1))
     assert (plan.pruning_layer, plan.llm_retention_ratio) == (1, 0.5)
     kept = fastv_keep_positions(attention, visual_start=3, visual_length=6, llm_retention_ratio=plan.llm_retention_ratio)
     assert kept.tolist() == [0, 1, 2, 4, 6, 8, 9]
@@ -389,7 +384,7 @@ def test_fastvid_one_frame_hand_worked():
     assert (result.token_budget, result.num_selected, result.num_merged) == (4, 3, 1)
     _assert_close(result.tokens[:3], features[0, :3])
     _assert_close(result.tokens[3], torch.tensor([1.408, 1.4]))
-    low = fastvid_compress(features, attention, 0.5, BaselineSettings(fastvid_merging_factor=0.1))
+    low = fastvid_compress(features, attention, 0.5, MethodSettings(fastvid_merging_factor=0.1))
     _assert_close(low.tokens[3], torch.tensor([1.85, 1.8 + 1 / 30]))
 
 
@@ -423,7 +418,7 @@ def _fastvid_merge_reference(features, attention, result, settings):
     return expected
 
 
-@pytest.mark.parametrize("settings_", [BaselineSettings(), BaselineSettings(fastvid_anchor_step=2)])
+@pytest.mark.parametrize("settings_", [MethodSettings(), MethodSettings(fastvid_anchor_step=2)])
 def test_fastvid_merging_matches_a_loop_reference(settings_):
     # 9 frames in two scenes (frames 0–4 and 5–8) plus noise; min 3 segments gives a third cut.
     generator = torch.Generator().manual_seed(11)

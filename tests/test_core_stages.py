@@ -316,7 +316,7 @@ def test_fixed_order_index_sum_equals_index_add():
 @pytest.mark.parametrize("seed", range(2))
 def test_cuda_summation_branch_matches_the_cpu_path(monkeypatch, seed):
     # The fixed-order branch that CUDA takes (TSTM tree sums, FastVID member sums), forced on CPU.
-    from flashvid_core.baselines import fastvid_compress
+    from lmms_eval_models.methods.fastvid import fastvid_compress
 
     features, attention = LOOP.synthetic_video(8, 36, 16, "cpu", torch.float32, seed=seed)
     config = fc.FlashVIDConfig(min_segment_num=2)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from flashvid_core import FlashVIDConfig
-from flashvid_core.baselines import METHODS, BaselineSettings, budget_for_method, fastvid_token_count
+from lmms_eval_models.methods import METHODS, MethodSettings, budget_for_method
+from lmms_eval_models.methods.fastvid import fastvid_token_count
 from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid
 
 FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")
@@ -174,7 +175,7 @@ def test_llm_receives_the_method_budget(case: Callable[[str], Case], family: str
     stats = current.model.flashvid_stats
     frames, per_frame = current.num_frames, current.tokens_per_frame
     budget = budget_for_method(method, per_frame, frames, RETENTION_RATIO, current.num_llm_layers,
-                               grid_hw=current.grid_hw, settings=BaselineSettings.from_options(BASELINE_OPTIONS),
+                               grid_hw=current.grid_hw, settings=MethodSettings.from_options(BASELINE_OPTIONS),
                                flashvid_config=config)  # fmt: skip
     expected = budget.tokens_entering_llm
     if method == "fastvid":  # c = 8 > frames: every frame is its own segment and its own anchor
@@ -201,7 +202,7 @@ def test_llm_receives_the_method_budget(case: Callable[[str], Case], family: str
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_uniform_pools_the_raster_grid(case: Callable[[str], Case], family: str) -> None:
-    from flashvid_core.baselines import compress_with_method
+    from lmms_eval_models.methods import compress_with_method
     from lmms_eval_models.patches._qwen_common import video_compression_inputs
 
     current = case(family)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from flashvid_core import FlashVIDConfig
-from flashvid_core.baselines import METHODS, BaselineSettings, budget_for_method, fastvid_token_count
+from lmms_eval_models.methods import METHODS, MethodSettings, budget_for_method
+from lmms_eval_models.methods.fastvid import fastvid_token_count
 
 TASK = "videomme_smoke"
 RETENTION_RATIO = 0.5
@@ -37,7 +38,7 @@ def render(args: dict) -> str:
 def expected_budget(method: str, num_frames: int, grid_hw: tuple[int, int], num_llm_layers: int):
     """`budget_for_method` at this file's settings for a video of num_frames frames of grid_hw tokens."""
     return budget_for_method(method, grid_hw[0] * grid_hw[1], num_frames, RETENTION_RATIO, num_llm_layers,
-                             grid_hw=grid_hw, settings=BaselineSettings.from_options(BASELINE_ARGS),
+                             grid_hw=grid_hw, settings=MethodSettings.from_options(BASELINE_ARGS),
                              flashvid_config=FlashVIDConfig.from_model_args(FLASHVID_ARGS))  # fmt: skip
 
 

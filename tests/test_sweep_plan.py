@@ -219,7 +219,7 @@ def test_every_run_passes_its_model_class_validation(sweep_file: str) -> None:
     from lmms_eval.models import get_model
     from lmms_eval.utils import simple_parse_args_string
 
-    from flashvid_core.baselines import BaselineSettings, llm_pruning_plan
+    from lmms_eval_models.methods import MethodSettings, llm_pruning_plan
     from lmms_eval_models.models.common import split_model_args
     from lmms_eval_models.sweeps.spec import render_model_args
 
@@ -229,5 +229,5 @@ def test_every_run_passes_its_model_class_validation(sweep_file: str) -> None:
         arguments = split_model_args(model_class.base_class, parsed, model_class.model_name,
                                      model_class.suite_defaults)  # fmt: skip
         if arguments.method == "fastv" and sweep_file.startswith("table"):
-            settings = BaselineSettings.from_options(arguments.baseline_options)
+            settings = MethodSettings.from_options(arguments.baseline_options)
             llm_pruning_plan("fastv", arguments.flashvid_config.retention_ratio, 28, settings)

@@ -9,8 +9,8 @@ The mixin replaces only loading (the base classes pick CUDA devices whenever sev
 base class's. Everything is validated before any weight is read: an unknown key, a bad FlashVID or baseline value,
 or a `method` that contradicts `enable_flashvid` raises a ValueError naming it.
 
-Which compression runs: `method` (any of `flashvid_core.baselines.METHODS`, default `flashvid`) at the FlashVID
-config's `retention_ratio`, tuned by the baseline keys (`BaselineSettings` fields). `enable_flashvid=False` is the
+Which compression runs: `method` (any method of the registry `lmms_eval_models.methods`, default `flashvid`) at the
+FlashVID config's `retention_ratio`, tuned by the baseline keys (`MethodSettings` fields). `enable_flashvid=False` is the
 official scripts' vanilla switch and means `method=none`; see `resolve_method` for how the two combine.
 """
 
@@ -30,6 +30,8 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from tqdm import tqdm
 
+from flashvid_core import FlashVIDConfig
+from lmms_eval_models.methods import MethodSettings, get_method, llm_pruning_plan
 from lmms_eval_models.patches.common import synchronize
 
 ENABLE_KEY = "enable_flashvid"
@@ -68,16 +70,12 @@ FIGURE_NAMES = (
 
 
 def flashvid_key_names() -> tuple[str, ...]:
-    from flashvid_core import FlashVIDConfig
-
     return tuple(FlashVIDConfig.field_names())
 
 
 def baseline_key_names() -> tuple[str, ...]:
-    """The baseline methods' keys: the fields of `flashvid_core.baselines.BaselineSettings`."""
-    from flashvid_core.baselines import BaselineSettings
-
-    return tuple(field.name for field in dataclasses.fields(BaselineSettings))
+    """The baseline methods' keys: the fields of `MethodSettings` (every registered method's options)."""
+    return tuple(field.name for field in dataclasses.fields(MethodSettings))
 
 
 def parse_bool(key: str, value: Any) -> bool:
@@ -123,15 +121,12 @@ def resolve_method(model_args: Mapping[str, Any]) -> str:
     of its keys says: `enable_flashvid=False` with a compressing method, or `enable_flashvid=True` with
     `method=none`, is refused. `enable_flashvid=True` with a baseline method is fine (compression is on).
     """
-    from flashvid_core.baselines import METHODS
-
     enable = parse_bool(ENABLE_KEY, model_args.get(ENABLE_KEY, True))
     if METHOD_KEY not in model_args:
         return "flashvid" if enable else "none"
     method = model_args[METHOD_KEY]
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{METHOD_KEY}={method!r} is invalid: allowed {', '.join(METHODS)}")
-    if ENABLE_KEY in model_args and enable != (method != "none"):
+    compresses = get_method(method).compresses  # raises naming the allowed methods
+    if ENABLE_KEY in model_args and enable != compresses:
         raise ValueError(
             f"{ENABLE_KEY}={model_args[ENABLE_KEY]!r} conflicts with {METHOD_KEY}={method!r}: "
             f"{ENABLE_KEY}=False means {METHOD_KEY}=none (vanilla); give only one of them"
@@ -142,16 +137,13 @@ def resolve_method(model_args: Mapping[str, Any]) -> str:
 def split_model_args(
     base_class: type, model_args: Mapping[str, Any], model_name: str, suite_defaults: Mapping[str, Any]
 ) -> ModelArguments:
-    """Validate `model_args` against the base class's signature, FlashVIDConfig and BaselineSettings, without
+    """Validate `model_args` against the base class's signature, FlashVIDConfig and MethodSettings, without
     loading anything.
 
     Returns the base settings with the base class's defaults (overridden by `suite_defaults`, then the user's).
     FlashVID and baseline keys are validated for every method, also those the method does not read, so a sweep
     with a typo fails on its vanilla run too; a method ignores the other methods' keys.
     """
-    from flashvid_core import FlashVIDConfig
-    from flashvid_core.baselines import BaselineSettings
-
     signature = inspect.signature(base_class.__init__)
     base_defaults = {
         name: parameter.default
@@ -167,12 +159,12 @@ def split_model_args(
     flashvid_args = {key: value for key, value in model_args.items() if key in flashvid_keys}
     config = FlashVIDConfig.from_model_args(flashvid_args)
     baseline_options = {key: value for key, value in model_args.items() if key in baseline_keys}
-    BaselineSettings.from_options(baseline_options)  # raises naming the bad key or value
+    MethodSettings.from_options(baseline_options)  # raises naming the bad key or value
     base = {**base_defaults, **suite_defaults}
     base.update(
         {key: value for key, value in model_args.items() if key in base_defaults or key in SUITE_KEYS}
     )
-    compresses = method != "none"
+    compresses = get_method(method).compresses
     return ModelArguments(base=base, enable_flashvid=compresses, flashvid_config=config if compresses else None,
                           flashvid_args=flashvid_args, method=method, baseline_options=baseline_options)  # fmt: skip
 
@@ -181,21 +173,21 @@ def check_llm_depth(arguments: ModelArguments) -> None:
     """FastV's layer K and kept share r depend on the LLM's depth: read it from the checkpoint's config (no
     weights) so that `fastv_layer` beyond the LLM or a retention_ratio FastV cannot meet fails before loading.
 
-    Only FastV: the other methods are valid at any depth (FlashVID's pruning_layer beyond the LLM prunes nothing).
+    Only the methods marked `depth_sensitive` (FastV): the others are valid at any depth (FlashVID's pruning_layer
+    beyond the LLM prunes nothing).
     """
-    if arguments.method != "fastv":
+    if not get_method(arguments.method).depth_sensitive:
         return
     from transformers import AutoConfig
-
-    from flashvid_core.baselines import BaselineSettings, llm_pruning_plan
 
     base = arguments.base
     options = {"revision": base["revision"]} if base.get("revision") else {}
     config = AutoConfig.from_pretrained(base["pretrained"], trust_remote_code=bool(base.get("trust_remote_code")),
                                         **options)  # fmt: skip
     num_llm_layers = int(config.get_text_config().num_hidden_layers)
-    settings = BaselineSettings.from_options(arguments.baseline_options)
-    llm_pruning_plan("fastv", arguments.flashvid_config.retention_ratio, num_llm_layers, settings)
+    settings = MethodSettings.from_options(arguments.baseline_options)
+    llm_pruning_plan(arguments.method, arguments.flashvid_config.retention_ratio, num_llm_layers, settings,
+                     arguments.flashvid_config)
 
 
 def check_batch_size(batch_size: Any) -> None:
@@ -419,12 +411,13 @@ class FlashVIDModel:
         self._world_size = self.accelerator.num_processes
 
     def _apply_patches(self, arguments: ModelArguments) -> None:
-        """`method=none` patches only where the family's layout needs it (LLaVA-Video), as vanilla runs always did."""
+        """A method that does not compress (vanilla) patches only where the family's layout needs it (LLaVA-Video),
+        as vanilla runs always did."""
         from lmms_eval_models.patches import apply_flashvid
 
-        if arguments.method == "none":
+        if not arguments.enable_flashvid:
             if self.family_options:
-                apply_flashvid(self.model, None, method="none", **self.family_options)
+                apply_flashvid(self.model, None, method=arguments.method, **self.family_options)
             return
         apply_flashvid(self.model, arguments.flashvid_config, method=arguments.method,
                        baseline_options=arguments.baseline_options, **self.family_options)  # fmt: skip

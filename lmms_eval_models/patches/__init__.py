@@ -37,8 +37,8 @@ def apply_flashvid(model: Any, config: Any, **family_options: Any) -> Any:
     which names an unknown key) in every family; None only where the method needs no config ("none").
 
     `family_options` are passed to the family's `apply`: every family takes `method` (default "flashvid"; any of
-    `flashvid_core.baselines.METHODS`, run at `config.retention_ratio`) and `baseline_options` (a mapping of
-    `BaselineSettings` fields), LLaVA also `video_layout`, Qwen3-VL `drop_vision_delimiters`. An unknown method,
+    a method of the registry `lmms_eval_models.methods`, run at `config.retention_ratio`) and `baseline_options` (a mapping of
+    `MethodSettings` fields), LLaVA also `video_layout`, Qwen3-VL `drop_vision_delimiters`. An unknown method,
     option or family option raises before the model is touched. Returns the model.
     """
     module = _family_module(model)

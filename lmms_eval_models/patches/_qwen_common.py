@@ -5,7 +5,7 @@ One model instance is patched by giving its inner `Qwen*VLModel` a subclass whos
 - on a video prefill: runs the stock `get_video_features` (and `get_image_features` for images, untouched) while a
   forward pre-hook on the *last* vision block's attention computes the attention statistic there only (only for
   the methods that read it: flashvid, visionzip, fastvid); compresses each video with the patch's method
-  (`flashvid_core.baselines.compress_with_method`, FlashVID's `compress` for "flashvid") on its merged-token grid
+  (`lmms_eval_models.methods.compress_with_method`, FlashVID's `compress` for "flashvid") on its merged-token grid
   (h, w) = (grid_h, grid_w) / spatial_merge_size; puts the compressed token of global index g at the g-th video
   placeholder of that video (duplicated indices insert both rows there), drops the other video placeholders;
   gathers the 3-D M-RoPE position ids of the stock model (`get_rope_index`), the attention mask and (Qwen3-VL)

@@ -1,5 +1,5 @@
 """What every family's patch shares: the per-call statistics, instance-scoped class swapping, and the method
-plan (FlashVID or a baseline of `flashvid_core.baselines`) validated at apply time."""
+plan (FlashVID or a baseline, from the methods registry `lmms_eval_models.methods`) validated at apply time."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lmms_eval_models.methods import (
+    LLMPruning,
+    MethodSettings,
+    compress_with_method,
+    get_method,
+    llm_pruning_plan,
+)
 
 # Attribute set on a patched model instance; holds the family's patch state.
 PATCH_ATTR = "_flashvid_patch"
@@ -121,37 +129,33 @@ def synchronize(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------ methods
 
-# Methods whose selection reads the vision attention statistic; for the others it is never computed.
-STATISTIC_METHODS: tuple[str, ...] = ("flashvid", "visionzip", "fastvid")
-
 
 @dataclass(frozen=True)
 class MethodPlan:
     """Which token-compression method one patched instance runs, validated once when the patch is applied.
 
-    method: one of `flashvid_core.baselines.METHODS`; retention_ratio: R of the config (1.0 for "none" without
-    one); settings: the `BaselineSettings` parsed from the baseline options; llm_pruning: where and how much the
-    LLM prunes visual tokens (FlashVID's K/r, FastV's K/r derived from R), None for no inner pruning.
+    method: a registered method's name (`lmms_eval_models.methods`); retention_ratio: R of the config (1.0 for
+    "none" without one); settings: the `MethodSettings` parsed from the baseline options; llm_pruning: where and
+    how much the LLM prunes visual tokens (FlashVID's K/r, FastV's K/r derived from R), None for no inner pruning.
     """
 
     method: str
     retention_ratio: float
-    settings: Any  # flashvid_core.baselines.BaselineSettings
-    llm_pruning: Any  # flashvid_core.baselines.LLMPruning | None
+    settings: Any  # lmms_eval_models.methods.MethodSettings
+    llm_pruning: LLMPruning | None
 
     @property
     def needs_statistic(self) -> bool:
-        return self.method in STATISTIC_METHODS
+        """Whether the method reads the vision attention statistic; for the others it is never computed."""
+        return get_method(self.method).needs_statistic
 
     @property
     def compresses(self) -> bool:
         """False for "none": its tokens pass unchanged, and it reports 0 ms of compression as unpatched runs do."""
-        return self.method != "none"
+        return get_method(self.method).compresses
 
     def compress(self, features: Any, statistic: Any, grid_hw: tuple[int, int], config: Any) -> Any:
         """One video's Compression: features (F, N, D), statistic (F, N) or None, grid_hw (h, w) with h·w = N."""
-        from flashvid_core.baselines import compress_with_method
-
         return compress_with_method(
             self.method, features, statistic, self.retention_ratio, grid_hw, flashvid_config=config,
             **self.settings.to_dict(),
@@ -165,18 +169,15 @@ def plan_method(
 
     config: the `FlashVIDConfig` whose retention_ratio sets every method's budget (None only for "none").
     """
-    from flashvid_core.baselines import METHODS, BaselineSettings, llm_pruning_plan
-
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method={method!r} is invalid: allowed {', '.join(METHODS)}")
+    spec = get_method(method)
     if baseline_options is None:
         baseline_options = {}
     if not isinstance(baseline_options, Mapping):
         raise ValueError(
-            f"baseline_options={baseline_options!r} is invalid: expected a mapping of BaselineSettings fields"
+            f"baseline_options={baseline_options!r} is invalid: expected a mapping of MethodSettings fields"
         )
-    settings = BaselineSettings.from_options(baseline_options)
-    if config is None and method != "none":
+    settings = MethodSettings.from_options(baseline_options)
+    if config is None and spec.compresses:
         raise ValueError(f"method={method!r} needs a FlashVIDConfig: its retention_ratio sets the token budget")
     retention_ratio = 1.0 if config is None else float(config.retention_ratio)
     pruning = llm_pruning_plan(method, retention_ratio, num_llm_layers, settings, config)

@@ -19,12 +19,12 @@ as the Qwen patches do), or ``None`` for no compression at all: every token is k
 only the layout applies. ``apply(model, None, video_layout="llava_video")`` is therefore the paper's *vanilla*
 LLaVA-Video run (64 frames × (169 + 1) tokens); it is the same as ``method="none"``.
 
-`method` (keyword, default ``"flashvid"``) — any of `flashvid_core.baselines.METHODS`: flashvid, fastv,
+`method` (keyword, default ``"flashvid"``) — any method of the registry `lmms_eval_models.methods`: flashvid, fastv,
 visionzip, divprune, fastvid, uniform, random, none. Every method compresses the pooled (F, N, D) features
 through `compress_with_method` at ``config.retention_ratio`` on the pooled square grid of the layout, and its
 inner-LLM pruning comes from `llm_pruning_plan` (FlashVID: config K and r; FastV: K = ``fastv_layer`` and the r
 that aligns the per-layer average with R, over the whole uncompressed video; the others: none). ``"none"`` keeps
-every token and prunes nothing. `baseline_options` (a mapping of `BaselineSettings` fields, typed or strings)
+every token and prunes nothing. `baseline_options` (a mapping of `MethodSettings` fields, typed or strings)
 sets the baselines' parameters. An unknown method or option raises ValueError at apply time.
 
 How it works, for one model instance only (other instances of the class are untouched):
@@ -152,11 +152,11 @@ def apply(
     config: Any,
     video_layout: str = "onevision",
     *,
-    method: str = "flashvid",
+    method: str | None = None,
     baseline_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Patch this `LlavaOnevisionForConditionalGeneration` instance to compress its videos with `method` at
-    `config.retention_ratio` (config None: layout only, i.e. method "none").
+    `config.retention_ratio` (method None: "flashvid" with a config; without one the layout alone, "none").
 
     Everything is validated before the model is touched. Re-applying replaces the previous settings. Returns
     the model.
@@ -165,8 +165,8 @@ def apply(
     config = coerce_config(config)
     if video_layout not in VIDEO_LAYOUTS:
         raise ValueError(f"video_layout must be one of {VIDEO_LAYOUTS}, got {video_layout!r}")
-    if config is None and method == "flashvid":
-        method = "none"  # no config: no compression, as before methods existed
+    if method is None:
+        method = "none" if config is None else "flashvid"  # no config: no compression, as before methods existed
     layers = model.model.language_model.layers
     plan = plan_method(method, baseline_options, config, len(layers))
     if getattr(model, PATCH_ATTR, None) is not None:

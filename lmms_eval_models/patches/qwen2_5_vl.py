@@ -6,11 +6,11 @@ Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `re
         # config: flashvid_core.FlashVIDConfig (or a mapping of its fields; None only with method="none")
     remove(model) -> model             # the instance is stock again
 
-`method` (keyword): any of `flashvid_core.baselines.METHODS` (flashvid, fastv, visionzip, divprune, fastvid,
+`method` (keyword): any method of the registry `lmms_eval_models.methods` (flashvid, fastv, visionzip, divprune, fastvid,
 uniform, random, none), run through the same plumbing at `config.retention_ratio`: the pre-LLM methods on the
 merged-token grid (grid_thw[1] / 2, grid_thw[2] / 2) in raster order; FastV and FlashVID prune inside the LLM as
 `llm_pruning_plan` says (FastV over all of the video's rows); "none" keeps every token. `baseline_options`: a
-mapping of `BaselineSettings` fields (typed or strings). An unknown method or option raises ValueError at apply
+mapping of `MethodSettings` fields (typed or strings). An unknown method or option raises ValueError at apply
 time, before the model is touched.
 
 Only this instance changes: its inner `Qwen2_5_VLModel` gets a subclass whose forward compresses the video tokens
