@@ -1,9 +1,13 @@
 """FlashVID's vision-side token compression and inner-LLM selection, in pure PyTorch.
 
-Public API: FlashVIDConfig, Compression, compress, llm_keep_positions (plus the stages as pure functions).
-Defaults reproduce the official implementation exactly; variants that change outputs are opt-in config fields.
+Public API: FlashVIDConfig, Compression, compress, llm_keep_positions (plus the stages as pure functions), and
+Backend / use_backend (which fast paths may run). Defaults reproduce the official implementation exactly; variants
+that change outputs are opt-in config fields. The reference stages import nothing from `accel`, the fast paths
+beside them; importing the package installs those (see backend.py).
 """
 
+from . import accel  # noqa: F401  (fills the fast-path slots)
+from .backend import Backend, current_backend, use_backend
 from .clustering import dpc_knn, dpc_knn_ragged, draw_density_noise
 from .config import TOKEN_SELECTION_METHODS, FlashVIDConfig
 from .llm_pruning import last_query_attention, llm_keep_positions
@@ -20,12 +24,14 @@ from .selection import (
 
 __all__ = [
     "TOKEN_SELECTION_METHODS",
+    "Backend",
     "Compression",
     "FlashVIDConfig",
     "calibrated_distances",
     "compress",
     "compress_segment",
     "cosine_distances",
+    "current_backend",
     "dpc_knn",
     "dpc_knn_ragged",
     "draw_density_noise",
@@ -40,6 +46,7 @@ __all__ = [
     "temporal_parents",
     "transition_similarities",
     "tree_roots",
+    "use_backend",
     "validate_inputs",
     "video_segment_lengths",
 ]

@@ -14,13 +14,11 @@ import math
 import torch
 from torch import Tensor
 
-from ._cuda_rng import fused_uniform_draws
 from ._transfer import int_tensors
+from .backend import fast_path
 
 # A uniform random tie-breaker of this size is added to the densities, as in the official code.
 DENSITY_NOISE_SCALE = 1e-6
-# On CUDA, all calls' draws come from one kernel (same values, same generator state; see _cuda_rng).
-USE_FUSED_CUDA_DRAWS = True
 # torch.cdist switches to the matrix-product formula above this many points.
 CDIST_DIRECT_MAX_POINTS = 25
 
@@ -37,10 +35,11 @@ def draw_density_noise(num_points: list[int], device: torch.device, generator: t
         return torch.zeros(0, dtype=torch.float32, device=device)
     if device.type == "cpu":
         return torch.rand(total, dtype=torch.float32, device=device, generator=generator)
-    if device.type == "cuda" and USE_FUSED_CUDA_DRAWS:
-        fused = fused_uniform_draws(num_points, device, generator)  # None (nothing drawn) if it cannot
-        if fused is not None:
-            return fused
+    # On CUDA the accel layer draws every call's values in one kernel (same values, same generator state).
+    fused = fast_path("uniform_draws")
+    drawn = fused(num_points, device, generator) if fused is not None else None  # None: nothing drawn
+    if drawn is not None:
+        return drawn
     draws = [torch.rand(1, n, dtype=torch.float32, device=device, generator=generator) for n in num_points]
     return torch.cat(draws, dim=1).flatten()
 

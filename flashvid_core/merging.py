@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._cuda_kernels import walk_tree_sums, walk_tree_sums_by_frame
 from ._transfer import int_tensors
+from .backend import current_backend, fast_path
 
 # The floor threshold is clamped to at least this, as in the official code (so similarity -1 never merges).
 MIN_FLOOR_THRESHOLD = -1.0 + 1e-6
@@ -175,15 +175,12 @@ def limit_depth(merged: Tensor, parent: Tensor, max_depth: int) -> Tensor:
     return merged
 
 
-def _stepwise_walk(values: Tensor, children_of: Tensor) -> None:
+def stepwise_walk(values: Tensor, children_of: Tensor) -> None:
     """In place, last frame to first: add the running sums of frame t's merged tokens into their parents in
     t - 1, rounding to the dtype of values at each step (product, then addition) as the official code does.
     values (F, N, D); children_of (F, N, N): [t, p, c] = 1 where token c of frame t merges into p of t - 1."""
     for frame in range(values.shape[0] - 1, 0, -1):
         values[frame - 1] += children_of[frame] @ values[frame]
-
-
-_WALK_GRAPHS: dict[tuple, tuple] = {}
 
 
 def stepwise_root_values(
@@ -207,38 +204,31 @@ def stepwise_tree_sums(
     not depend on the sums, so only the additions are sequential over frames. Segments are independent, so step
     s adds frame L - s into L - s - 1 of every segment at once (max segment length - 1 batched steps); with few
     segments the per-frame walk is used instead, on CUDA captured once per shape in a CUDA graph and replayed.
-    On CUDA with Triton, one kernel walks every segment (`_cuda_kernels.walk_tree_sums`, the same roundings).
+    On CUDA the accel layer walks every segment in one Triton kernel (fast path "walk_tree_sums", the same
+    roundings), or replays the per-frame walk from a CUDA graph ("stepwise_walk").
     """
     num_frames = features.shape[0]
-    children_of, counts = _children_and_counts(features, merged, parent)
+    children_of, counts = children_and_counts(features, merged, parent)
     values = features.clone()
     lengths = segment_lengths if segment_lengths is not None else [num_frames]
     steps = max(lengths, default=1) - 1
-    if steps == 0 or walk_tree_sums(values, children_of, lengths):  # nothing to add, or CUDA: one Triton launch
+    if steps == 0:
+        return values, counts
+    triton_walk = fast_path("walk_tree_sums") if features.is_cuda else None
+    if triton_walk is not None and triton_walk(values, children_of, lengths):  # one launch, in place
         return values, counts
     if steps <= (num_frames - 1) // 2:
         _walk_by_segments(values, children_of, lengths)
-    elif features.is_cuda and _selection_graphs_enabled():
-        values = _walk_with_graph(values, children_of)
-    else:
-        _stepwise_walk(values, children_of)
+        return values, counts
+    graph_walk = fast_path("stepwise_walk") if features.is_cuda else None
+    walked = graph_walk(values, children_of) if graph_walk is not None else None
+    if walked is not None:
+        return walked, counts
+    stepwise_walk(values, children_of)
     return values, counts
 
 
-def stepwise_tree_sums_by_frame(
-    features: Tensor, merged: Tensor, parent: Tensor, segment_start: Tensor, segment_length: Tensor
-) -> tuple[Tensor, Tensor]:
-    """`stepwise_tree_sums` with the segments given per frame as device tensors (F,) int64 (first frame of the
-    frame's segment, its length): one Triton kernel, fixed shapes, no host data. CUDA float16/bfloat16 only;
-    raises RuntimeError where the kernel cannot run (the caller then uses stepwise_tree_sums)."""
-    children_of, counts = _children_and_counts(features, merged, parent)
-    values = features.clone()
-    if not walk_tree_sums_by_frame(values, children_of, segment_start, segment_length):
-        raise RuntimeError("the Triton TSTM walk cannot run here")
-    return values, counts
-
-
-def _children_and_counts(features: Tensor, merged: Tensor, parent: Tensor) -> tuple[Tensor, Tensor]:
+def children_and_counts(features: Tensor, merged: Tensor, parent: Tensor) -> tuple[Tensor, Tensor]:
     """children_of (F, parent, child) 0/1 and counts (F, N) (one per direct child), in the input dtype."""
     num_frames, num_tokens, _ = features.shape
     dtype = features.dtype
@@ -251,7 +241,7 @@ def _children_and_counts(features: Tensor, merged: Tensor, parent: Tensor) -> tu
 
 
 def _walk_by_segments(values: Tensor, children_of: Tensor, segment_lengths: list[int]) -> None:
-    """`_stepwise_walk` with the segments walked side by side: in place, max length - 1 batched steps.
+    """`stepwise_walk` with the segments walked side by side: in place, max length - 1 batched steps.
 
     Frames of different segments never link (a segment's first frame takes no children from the previous one),
     and each segment's frames are still added last to first, each step's sum rounded as one frame step."""
@@ -265,40 +255,6 @@ def _walk_by_segments(values: Tensor, children_of: Tensor, segment_lengths: list
     for frames, parents in zip(frames_per_step, parents_per_step):
         product = torch.bmm(children_of.index_select(0, frames), values.index_select(0, frames))
         values.index_copy_(0, parents, values.index_select(0, parents) + product)
-
-
-def _walk_with_graph(values: Tensor, children_of: Tensor) -> Tensor:
-    key = (values.device, tuple(values.shape), values.dtype)
-    entry = _WALK_GRAPHS.pop(key, None)
-    if entry is None:
-        static = (values.clone(), children_of.clone())
-        stream = torch.cuda.Stream(device=values.device)
-        stream.wait_stream(torch.cuda.current_stream(values.device))
-        with torch.cuda.stream(stream):
-            _stepwise_walk(static[0].clone(), static[1])  # warm-up outside the capture
-        torch.cuda.current_stream(values.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            _stepwise_walk(*static)
-        entry = (graph, static)
-        while len(_WALK_GRAPHS) >= 8:
-            _WALK_GRAPHS.pop(next(iter(_WALK_GRAPHS)))
-    _WALK_GRAPHS[key] = entry
-    graph, static = entry
-    static[0].copy_(values)
-    static[1].copy_(children_of)
-    graph.replay()
-    return static[0].clone()
-
-
-def _selection_graphs_enabled() -> bool:
-    from . import selection
-
-    return selection.USE_CUDA_GRAPHS
-
-
-# Tests set this to run the CUDA summation branch on CPU (CPU callers otherwise keep the index_add_ path).
-_FIXED_ORDER_SUMS_ON_CPU = False
 
 
 def fixed_order_index_sum(values: Tensor, index: Tensor, num_rows: int) -> Tensor:
@@ -317,7 +273,7 @@ def fixed_order_index_sum(values: Tensor, index: Tensor, num_rows: int) -> Tenso
 
 def index_sum(values: Tensor, index: Tensor, num_rows: int) -> Tensor:
     """zeros(num_rows, D).index_add_(0, index, values) on CPU; fixed_order_index_sum on CUDA (deterministic)."""
-    if values.is_cuda or _FIXED_ORDER_SUMS_ON_CPU:
+    if values.is_cuda or current_backend().fixed_order_sums_on_cpu:
         return fixed_order_index_sum(values, index, num_rows)
     return torch.zeros(num_rows, *values.shape[1:], dtype=values.dtype, device=values.device).index_add_(
         0, index, values
@@ -407,7 +363,7 @@ def spatiotemporal_merge(
     else:
         flat = features.float().reshape(num_frames * num_tokens, dim)
         reusable = features.dtype != torch.float32  # .float() made a fresh copy
-    if flat.is_cuda or _FIXED_ORDER_SUMS_ON_CPU:
+    if flat.is_cuda or current_backend().fixed_order_sums_on_cpu:
         # One sum over all tokens (each root adds itself): no host sync for the merged tokens' positions.
         sums = fixed_order_index_sum(flat, roots_of, num_frames * num_tokens)
     else:

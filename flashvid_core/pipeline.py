@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _cuda_stage
 from ._transfer import int_tensors
+from .backend import Backend, fast_path, use_backend
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
 from .merging import frame_layout, spatiotemporal_merge
@@ -137,6 +137,7 @@ def compress(
     generator: torch.Generator | None = None,
     dpc_noise: Tensor | None = None,
     check_finite: bool = True,
+    backend: Backend | None = None,
 ) -> Compression:
     """Compress one video's visual tokens with FlashVID.
 
@@ -145,9 +146,14 @@ def compress(
     generator: the generator of the DPC density tie-breaker (default: the device's default generator, drawn as
     the official code draws it, so a torch.manual_seed before the call reproduces its outputs exactly).
     dpc_noise: optional injected tie-breaker draws, every call's draws concatenated in call order (overrides
-    generator). check_finite: reject NaN/inf inputs (one pass over the inputs).
+    generator). check_finite: reject NaN/inf inputs (one pass over the inputs). backend: which fast paths this
+    call may take (default: the current `Backend`; the numbers are the same either way).
     Nothing is mutated. Returns a Compression.
     """
+    if backend is not None:
+        with use_backend(backend):
+            return compress(features, attention, config, generator=generator, dpc_noise=dpc_noise,
+                            check_finite=check_finite)
     config = FlashVIDConfig() if config is None else config
     if not isinstance(config, FlashVIDConfig):
         raise ValueError(f"config must be a FlashVIDConfig, got {type(config).__name__}")
@@ -222,12 +228,9 @@ def _compress(
     budget = num_selected + num_merged
     frame_arange = torch.arange(num_frames, device=device)
 
-    if budget > 0 and _cuda_stage.applies(features, config):
-        plan = _cuda_stage.Plan(
-            num_selected, num_merged, config.token_selection_method, True if config.adts_forbid_repick else None,
-            config.temporal_threshold, budget, max(segment_lengths) > 1,
-        )
-        stage = _cuda_stage.run(features, attention, segment_lengths, plan)
+    fast_stage = fast_path("compress_stage") if budget > 0 and features.is_cuda else None
+    if fast_stage is not None:
+        stage = fast_stage(features, attention, config, segment_lengths, num_selected, num_merged)
         if stage is not None:
             values = _RootValues(stage.sums, stage.counts, features.dtype) if num_merged > 0 else None
             return _finish(features, stage.keep, values, stage.token_order, stage.passed_counts, segment_lengths,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._cuda_kernels import greedy_max_min
 from ._transfer import int_tensors
+from .backend import fast_path
 from .config import TOKEN_SELECTION_METHODS
 
 # The official code scales the attention statistic by 1e6 "to avoid numerical issues"; it changes the products.
@@ -110,9 +110,8 @@ def max_min_diversity(
     index. forbid_repick=False reproduces the official attn_div_v2, which can pick a token twice.
     picked_value: the score given to picked columns (the official -1.0 only forbids re-picks while the distances
     stay above -1; -inf always does).
-    On CUDA the whole loop is one Triton kernel (`_cuda_kernels.greedy_max_min`, the same comparisons and tie
-    rule); without Triton the loop (3-4 small kernels per step) is captured once per shape in a CUDA graph and
-    replayed, the kernels and so the picks being those of eager mode (USE_CUDA_GRAPHS = False disables it).
+    On CUDA the accel layer provides the loop as one Triton kernel, or else as a CUDA graph replay of this loop
+    (fast path "greedy_max_min": the same comparisons and tie rule).
     """
     batch, num_candidates, _ = distances.shape
     if num_tokens <= 0:
@@ -120,13 +119,9 @@ def max_min_diversity(
     if num_candidates == 1:
         # The official code needs two rows for its first pick; with one token the only choice is that token.
         return torch.zeros(batch, num_tokens, dtype=torch.long, device=distances.device)
-    if distances.is_cuda:
-        picks = greedy_max_min(distances, num_tokens, forbid_repick, picked_value)  # one Triton launch
-        if picks is not None:
-            return picks
-    if distances.is_cuda and USE_CUDA_GRAPHS and num_tokens > 2:
-        return _greedy_cuda_graph(distances, num_tokens, forbid_repick, picked_value)
-    return _greedy(distances, num_tokens, forbid_repick, picked_value)
+    accelerated = fast_path("greedy_max_min") if distances.is_cuda else None
+    picks = accelerated(distances, num_tokens, forbid_repick, picked_value) if accelerated else None
+    return picks if picks is not None else greedy_loop(distances, num_tokens, forbid_repick, picked_value)
 
 
 def second_smallest_per_column(distances: Tensor) -> Tensor:
@@ -137,7 +132,7 @@ def second_smallest_per_column(distances: Tensor) -> Tensor:
     return without_smallest.amin(dim=1)
 
 
-def _greedy(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_value: float) -> Tensor:
+def greedy_loop(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_value: float) -> Tensor:
     """The greedy loop with a running minimum: O(N) per frame and step. distances (B, N, N) -> (B, K)."""
     batch, num_candidates, _ = distances.shape
     pick = second_smallest_per_column(distances).argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -159,35 +154,6 @@ def _greedy(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_valu
             if forbid_repick:
                 picked.scatter_(1, pick, True)
     return torch.cat(picks, dim=1)
-
-
-USE_CUDA_GRAPHS = True
-_GRAPH_CACHE: dict[tuple, tuple] = {}
-_GRAPH_CACHE_SIZE = 16
-
-
-def _greedy_cuda_graph(distances: Tensor, num_tokens: int, forbid_repick: bool, picked_value: float) -> Tensor:
-    """Replay a captured CUDA graph of `_greedy` for this shape (captured on first use, LRU-cached)."""
-    key = (distances.device, distances.dtype, tuple(distances.shape), num_tokens, forbid_repick, picked_value)
-    entry = _GRAPH_CACHE.pop(key, None)
-    if entry is None:
-        static_input = distances.clone()
-        stream = torch.cuda.Stream(device=distances.device)
-        stream.wait_stream(torch.cuda.current_stream(distances.device))
-        with torch.cuda.stream(stream):
-            _greedy(static_input, num_tokens, forbid_repick, picked_value)  # warm-up outside the capture
-        torch.cuda.current_stream(distances.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_output = _greedy(static_input, num_tokens, forbid_repick, picked_value)
-        entry = (graph, static_input, static_output)
-        while len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
-            _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
-    _GRAPH_CACHE[key] = entry
-    graph, static_input, static_output = entry
-    static_input.copy_(distances)
-    graph.replay()
-    return static_output.clone()
 
 
 def select_tokens(

@@ -323,13 +323,13 @@ def test_cuda_summation_branch_matches_the_cpu_path(monkeypatch, seed):
     selected = torch.zeros(8, 36, dtype=torch.bool)
     runs = []
     for forced in (False, True):
-        monkeypatch.setattr(fc.merging, "_FIXED_ORDER_SUMS_ON_CPU", forced)
         torch.manual_seed(seed)
-        runs.append((
-            fc.compress(features, attention, config),
-            fc.spatiotemporal_merge(features, selected, [3, 5], 0.3, 6),
-            fastvid_compress(features, attention, 0.5, generator=torch.Generator().manual_seed(seed)),
-        ))
+        with fc.use_backend(fixed_order_sums_on_cpu=forced):
+            runs.append((
+                fc.compress(features, attention, config),
+                fc.spatiotemporal_merge(features, selected, [3, 5], 0.3, 6),
+                fastvid_compress(features, attention, 0.5, generator=torch.Generator().manual_seed(seed)),
+            ))
     (cpu, cpu_tree, cpu_fastvid), (forced, forced_tree, forced_fastvid) = runs
     assert torch.equal(cpu.indices, forced.indices)
     assert torch.allclose(cpu.tokens, forced.tokens, atol=1e-5)
@@ -438,7 +438,7 @@ def test_event_relevance_from_ids_agrees_with_event_relevance():
 def test_cuda_stage_code_runs_on_the_cpu_where_it_needs_no_kernel(monkeypatch):
     # The fixed-shape stage is plain PyTorch except the TSTM walk: selection-only and one-frame-segment plans run
     # anywhere, and give what the eager path gives.
-    from flashvid_core import _cuda_stage
+    from flashvid_core.accel import stage as _cuda_stage
 
     features, attention = LOOP.synthetic_video(6, 36, 16, "cpu", torch.float16, seed=1)
     lengths = [2, 0, 3, 1]
@@ -455,21 +455,21 @@ def test_cuda_stage_code_runs_on_the_cpu_where_it_needs_no_kernel(monkeypatch):
 
 
 def test_cuda_stage_failure_disables_it_with_a_warning(monkeypatch):
-    from flashvid_core import _cuda_stage
+    from flashvid_core.accel import stage as _cuda_stage
 
-    monkeypatch.setattr(_cuda_stage, "_broken", False)
-    monkeypatch.setattr(_cuda_stage, "last_error", None)
-    monkeypatch.setattr(_cuda_stage, "USE_STAGE_GRAPHS", False)
+    monkeypatch.setattr(_cuda_stage, "STATE", _cuda_stage.StageState())
     features, attention = LOOP.synthetic_video(4, 16, 8, "cpu", torch.float16, seed=0)
     plan = _cuda_stage.Plan(2, 2, "attn", None, 0.8, 4, True)  # multi-frame: needs the CUDA walk kernel
-    with pytest.warns(RuntimeWarning, match="CUDA stage is disabled"):
+    with fc.use_backend(stage_graphs=False), pytest.warns(RuntimeWarning, match="CUDA stage is disabled"):
         assert _cuda_stage.run(features, attention, [4], plan) is None
-    assert _cuda_stage._broken and isinstance(_cuda_stage.last_error, RuntimeError)
+    assert _cuda_stage.STATE.broken and isinstance(_cuda_stage.STATE.last_error, RuntimeError)
     assert _cuda_stage.run(features, attention, [4], plan) is None  # stays off, silently
 
 
 def test_lazy_kernel_builds_once_and_stays_off_after_a_failure():
-    from flashvid_core import _cuda_kernels
+    from flashvid_core.accel.kernels import KernelRegistry
+
+    kernels = KernelRegistry()
 
     calls = []
 
@@ -480,11 +480,11 @@ def test_lazy_kernel_builds_once_and_stays_off_after_a_failure():
     def broken():
         raise ImportError("no triton")
 
-    assert _cuda_kernels.lazy_kernel("test-good", build) == "kernel"
-    assert _cuda_kernels.lazy_kernel("test-good", build) == "kernel" and len(calls) == 1
-    assert _cuda_kernels.lazy_kernel("test-broken", broken) is None
-    _cuda_kernels.disable("test-good")
-    assert _cuda_kernels.lazy_kernel("test-good", build) is None and len(calls) == 1
+    assert kernels.get("test-good", build) == "kernel"
+    assert kernels.get("test-good", build) == "kernel" and len(calls) == 1
+    assert kernels.get("test-broken", broken) is None
+    kernels.disable("test-good")
+    assert kernels.get("test-good", build) is None and len(calls) == 1
 
 
 def test_compress_reads_the_device_twice_without_complementary_cuts(monkeypatch):

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import flashvid_core as fc
-from flashvid_core import _cuda_rng, clustering
+from flashvid_core import clustering
+from flashvid_core.accel import kernels as accel_kernels
+from flashvid_core.accel import rng as accel_rng
+from flashvid_core.accel import stage as accel_stage
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,7 +27,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 def test_fused_draws_equal_per_call_torch_rand(seed):
     device = torch.device("cuda")
     sizes = [196, 50, 1, 255, 256, 257, 1000, 120] + [180] * 60
-    assert _cuda_rng.draws_match_torch(sizes, device, seed)
+    assert accel_rng.draws_match_torch(sizes, device, seed)
 
 
 @needs_triton
@@ -42,7 +45,7 @@ def test_fused_draws_advance_the_default_generator_like_per_call_draws():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_compress_on_cuda_is_the_same_with_fused_draws(monkeypatch, dtype):
-    _assert_same_with_and_without(monkeypatch, clustering, "USE_FUSED_CUDA_DRAWS", _video(24, 196, 256, dtype),
+    _assert_same_with_and_without("fused_cuda_draws", _video(24, 196, 256, dtype),
                                   fc.FlashVIDConfig(retention_ratio=0.1), seed=11)
 
 
@@ -54,14 +57,13 @@ def test_half_to_float_softmax_equals_softmax_with_dtype(dtype):
     assert torch.equal(softmax_float32(logits), torch.softmax(logits, dim=-1, dtype=torch.float32))
 
 
-def _assert_same_with_and_without(monkeypatch, module, flag: str, video, config: fc.FlashVIDConfig, seed: int) -> None:
-    """compress gives identical indices and tokens with the fast path `module.flag` on and off."""
+def _assert_same_with_and_without(flag: str, video, config: fc.FlashVIDConfig, seed: int) -> None:
+    """compress gives identical indices and tokens with the Backend's fast path `flag` on and off."""
     features, attention = video
     torch.manual_seed(seed)
     fast = fc.compress(features, attention, config)
-    monkeypatch.setattr(module, flag, False)
     torch.manual_seed(seed)
-    plain = fc.compress(features, attention, config)
+    plain = fc.compress(features, attention, config, backend=fc.Backend(**{flag: False}))
     assert torch.equal(fast.indices, plain.indices)
     assert torch.equal(fast.tokens, plain.tokens)
 
@@ -90,8 +92,8 @@ def test_fused_statistic_agrees_with_the_plain_computation(monkeypatch, dtype):
     hidden = torch.randn(6, 729, width, device="cuda", dtype=dtype)
     with torch.no_grad():
         fused = llava_onevision.attention_received(attention, hidden, None)
-        monkeypatch.setattr(llava_onevision, "USE_FUSED_STATISTIC", False)
-        plain = llava_onevision.attention_received(attention, hidden, None)
+        with fc.use_backend(fused_statistic=False):
+            plain = llava_onevision.attention_received(attention, hidden, None)
     assert fused.shape == plain.shape == (6, 729) and fused.dtype == torch.float32
     assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-9)
     # the ranking the selection reads is the same
@@ -107,22 +109,22 @@ def test_self_cdist_is_torch_cdist_bit_for_bit_on_cuda(dtype):
 @needs_triton
 @pytest.mark.parametrize(("forbid_repick", "picked_value"), [(True, -1.0), (False, -1.0), (True, float("-inf"))])
 def test_triton_greedy_equals_the_pytorch_loop(forbid_repick, picked_value):
-    from flashvid_core import _cuda_kernels, selection
+    from flashvid_core import selection
 
     generator = torch.Generator().manual_seed(0)
     for tokens, picks in ((196, 18), (169, 40), (37, 37), (2, 1)):
         x = torch.randn(64, tokens, 32, generator=generator)
         distances = fc.cosine_distances(x) * torch.rand(64, 1, tokens, generator=generator)
         distances = (torch.round(distances * 8) / 8).cuda()  # many exact ties
-        fused = _cuda_kernels.greedy_max_min(distances, picks, forbid_repick, picked_value)
+        fused = accel_kernels.greedy_max_min(distances, picks, forbid_repick, picked_value)
         assert fused is not None
-        assert torch.equal(fused, selection._greedy(distances, picks, forbid_repick, picked_value))
+        assert torch.equal(fused, selection.greedy_loop(distances, picks, forbid_repick, picked_value))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_tree_walk_equals_the_frame_by_frame_walk(dtype):
-    from flashvid_core import _cuda_kernels, merging
+    from flashvid_core import merging
 
     features, _ = _video(64, 196, 3584, dtype)
     lengths = [9, 0, 7, 8, 8, 1, 8, 8, 15]
@@ -133,18 +135,16 @@ def test_triton_tree_walk_equals_the_frame_by_frame_walk(dtype):
     children_of = ((parent.unsqueeze(-1) == torch.arange(196, device="cuda")) & merged.unsqueeze(-1))
     children_of = children_of.transpose(1, 2).to(dtype).contiguous()
     reference = features.clone()
-    merging._stepwise_walk(reference, children_of)
+    merging.stepwise_walk(reference, children_of)
     walked = features.clone()
-    assert _cuda_kernels.walk_tree_sums(walked, children_of, lengths)
+    assert accel_kernels.walk_tree_sums(walked, children_of, lengths)
     assert torch.equal(walked, reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method", ["attn_div_v2", "attn_div", "div"])
 def test_compress_on_cuda_is_the_same_with_and_without_the_triton_kernels(monkeypatch, dtype, method):
-    from flashvid_core import _cuda_kernels
-
-    _assert_same_with_and_without(monkeypatch, _cuda_kernels, "ENABLED", _video(64, 196, 512, dtype),
+    _assert_same_with_and_without("triton", _video(64, 196, 512, dtype),
                                   fc.FlashVIDConfig(retention_ratio=0.1, token_selection_method=method), seed=2)
 
 
@@ -153,21 +153,17 @@ def test_compress_on_cuda_is_the_same_with_and_without_the_triton_kernels(monkey
 @pytest.mark.parametrize("method", ["attn_div_v2", "attn", "div"])
 @pytest.mark.parametrize("ratio", [0.1, 0.25])
 def test_compress_is_the_same_with_and_without_the_cuda_graph_stage(monkeypatch, dtype, method, ratio):
-    from flashvid_core import _cuda_stage
-
     config = fc.FlashVIDConfig(retention_ratio=ratio, token_selection_method=method)
     for frames in (64, 5, 1):
         features, attention = _video(frames, 196, 512, dtype)
-        monkeypatch.setattr(_cuda_stage, "ENABLED", True)
-        assert _cuda_stage.applies(features, config)
+        assert accel_stage.applies(features, config)
         results = []
         for enabled, graphs in ((True, True), (True, True), (True, False), (False, True)):
-            monkeypatch.setattr(_cuda_stage, "ENABLED", enabled)
-            monkeypatch.setattr(_cuda_stage, "USE_STAGE_GRAPHS", graphs)
             torch.manual_seed(4)
-            results.append(fc.compress(features, attention, config))
+            backend = fc.Backend(cuda_stage=enabled, stage_graphs=graphs)
+            results.append(fc.compress(features, attention, config, backend=backend))
         for other in results[1:]:
             assert torch.equal(other.indices, results[0].indices)
             assert torch.equal(other.tokens, results[0].tokens)
             assert torch.equal(other.segment_lengths, results[0].segment_lengths)
-        assert not _cuda_stage._broken
+        assert not accel_stage.STATE.broken

@@ -1,4 +1,4 @@
-"""The Triton kernels of `flashvid_core._cuda_kernels`, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in
+"""The Triton kernels of `flashvid_core.accel.kernels`, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in
 a subprocess since it must be set before triton is imported) against the PyTorch code they replace: the kernels'
 logic is checked here on every CI run; their GPU numerics in tests/test_gpu_fast_paths.py (on a GPU)."""
 
@@ -16,9 +16,10 @@ CHECK = textwrap.dedent(
     """
     import torch
     import flashvid_core as fc
-    from flashvid_core import _cuda_kernels, merging, selection
+    from flashvid_core import merging, selection
+    from flashvid_core.accel import kernels as accel_kernels
 
-    kernels = _cuda_kernels._build()
+    kernels = accel_kernels._build()
     for seed in range(8):
         generator = torch.Generator().manual_seed(seed)
         tokens = int(torch.randint(2, 70, (1,), generator=generator))
@@ -27,8 +28,8 @@ CHECK = textwrap.dedent(
         distances = fc.cosine_distances(x) * torch.rand(3, 1, tokens, generator=generator)
         distances = (torch.round(distances * 4) / 4).contiguous()  # exact ties
         for forbid, picked_value in ((True, -1.0), (False, -1.0), (True, float("-inf"))):
-            expected = selection._greedy(distances, picks, forbid, picked_value)
-            got = _cuda_kernels.launch_greedy(kernels["greedy"], distances, picks, forbid, picked_value)
+            expected = selection.greedy_loop(distances, picks, forbid, picked_value)
+            got = accel_kernels.launch_greedy(kernels["greedy"], distances, picks, forbid, picked_value)
             assert torch.equal(got, expected), (seed, forbid, picked_value, got, expected)
 
     generator = torch.Generator().manual_seed(1)
@@ -42,14 +43,14 @@ CHECK = textwrap.dedent(
     links = (parent.unsqueeze(-1) == torch.arange(tokens)) & merged.unsqueeze(-1)
     children_of = links.transpose(1, 2).half().contiguous()
     expected = features.clone()
-    merging._stepwise_walk(expected, children_of)
+    merging.stepwise_walk(expected, children_of)
     walked = features.clone()
-    _cuda_kernels.launch_walk(kernels["walk"], walked, children_of, torch.tensor([0, 4, 7]), torch.tensor([4, 3, 5]))
+    accel_kernels.launch_walk(kernels["walk"], walked, children_of, torch.tensor([0, 4, 7]), torch.tensor([4, 3, 5]))
     assert torch.equal(walked, expected)
     # the per-frame launch shape of the CUDA graph stage: frames that start no multi-frame segment do nothing
     walked = features.clone()
     lengths = torch.tensor([4, 1, 1, 1, 3, 1, 1, 5, 1, 1, 1, 1])
-    _cuda_kernels.launch_walk(kernels["walk"], walked, children_of, torch.arange(frames), lengths)
+    accel_kernels.launch_walk(kernels["walk"], walked, children_of, torch.arange(frames), lengths)
     assert torch.equal(walked, expected)
     print("kernels agree")
     """

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashvid_core.backend import Backend
 from lmms_eval_models.patches.common import (
     PATCH_ATTR,
     STATS_ATTR,
@@ -241,6 +242,7 @@ def apply(
     options: dict[str, Any],
     method: str = "flashvid",
     baseline_options: Mapping[str, Any] | None = None,
+    backend: Backend | None = None,
 ) -> Any:
     """Patch one instance (see the family modules); everything is validated before the model is touched.
 
@@ -250,7 +252,7 @@ def apply(
     config = coerce_config(config)  # None: plan_method says which methods need a config
     inner = model.model
     language_model = inner.language_model
-    plan = plan_method(method, baseline_options, config, len(language_model.layers))
+    plan = plan_method(method, baseline_options, config, len(language_model.layers), backend)
     if getattr(model, PATCH_ATTR, None) is not None:
         remove(model)
     state = QwenPatchState(
@@ -325,7 +327,8 @@ def _patched_forward(inner: nn.Module, stock_forward: Callable, args: tuple, kwa
     call = bind_arguments(inspect.signature(stock_forward), inner, args, kwargs)
     precomputed = call.get("mm_encoder_outputs") or {}
     if call.get("pixel_values_videos") is not None or precomputed.get("video") is not None:
-        return _video_prefill(inner, state, call)
+        with state.method.scope():
+            return _video_prefill(inner, state, call)
     cache = call.get("past_key_values")
     layout = state.layouts.get(cache) if cache is not None else None
     if layout is not None and not _continues(layout, call):

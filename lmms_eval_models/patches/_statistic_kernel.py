@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from flashvid_core._cuda_kernels import disable, lazy_kernel
+from flashvid_core.accel.kernels import KERNELS
 
 
 def _build_kernel():  # pragma: no cover - needs triton and a CUDA device
@@ -85,7 +85,7 @@ def fused_attention_received(queries: torch.Tensor, keys: torch.Tensor, scale: f
         return None
     if queries.stride(-1) != 1 or keys.stride(-1) != 1:
         return None
-    kernel = lazy_kernel(__name__, _build_kernel)
+    kernel = KERNELS.get(__name__, _build_kernel)
     if kernel is None:
         return None
     batch, heads, length, head_dim = queries.shape
@@ -101,6 +101,6 @@ def fused_attention_received(queries: torch.Tensor, keys: torch.Tensor, scale: f
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, IS_BF16=queries.dtype == torch.bfloat16,
             )
     except Exception:  # a compile failure: the plain way from now on
-        disable(__name__)
+        KERNELS.disable(__name__)
         return None
     return partial.sum(dim=(1, 2))

@@ -3,6 +3,7 @@ plan (FlashVID or a baseline, from the methods registry `lmms_eval_models.method
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from flashvid_core.backend import Backend, use_backend
 from lmms_eval_models.methods import (
     LLMPruning,
     MethodSettings,
@@ -136,13 +138,19 @@ class MethodPlan:
 
     method: a registered method's name (`lmms_eval_models.methods`); retention_ratio: R of the config (1.0 for
     "none" without one); settings: the `MethodSettings` parsed from the baseline options; llm_pruning: where and
-    how much the LLM prunes visual tokens (FlashVID's K/r, FastV's K/r derived from R), None for no inner pruning.
+    how much the LLM prunes visual tokens (FlashVID's K/r, FastV's K/r derived from R), None for no inner pruning;
+    backend: the fast paths this instance's video prefills may take (None: whatever the caller's context says).
     """
 
     method: str
     retention_ratio: float
     settings: Any  # lmms_eval_models.methods.MethodSettings
     llm_pruning: LLMPruning | None
+    backend: Backend | None = None
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """The context a video prefill of this instance runs in: its own Backend, if it has one."""
+        return use_backend(self.backend) if self.backend is not None else contextlib.nullcontext()
 
     @property
     def needs_statistic(self) -> bool:
@@ -163,7 +171,8 @@ class MethodPlan:
 
 
 def plan_method(
-    method: Any, baseline_options: Mapping[str, Any] | None, config: Any, num_llm_layers: int
+    method: Any, baseline_options: Mapping[str, Any] | None, config: Any, num_llm_layers: int,
+    backend: Backend | None = None,
 ) -> MethodPlan:
     """Validate a family's method options before any model work; ValueError names the bad value and the allowed.
 
@@ -181,7 +190,10 @@ def plan_method(
         raise ValueError(f"method={method!r} needs a FlashVIDConfig: its retention_ratio sets the token budget")
     retention_ratio = 1.0 if config is None else float(config.retention_ratio)
     pruning = llm_pruning_plan(method, retention_ratio, num_llm_layers, settings, config)
-    return MethodPlan(method=method, retention_ratio=retention_ratio, settings=settings, llm_pruning=pruning)
+    if backend is not None and not isinstance(backend, Backend):
+        raise ValueError(f"backend={backend!r} is invalid: expected a flashvid_core.Backend or None")
+    return MethodPlan(method=method, retention_ratio=retention_ratio, settings=settings, llm_pruning=pruning,
+                      backend=backend)
 
 
 def attach_planned_pruning(layers: Any, plan: MethodPlan) -> Any:

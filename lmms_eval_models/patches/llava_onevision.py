@@ -75,6 +75,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashvid_core.backend import Backend, current_backend
 from lmms_eval_models.patches._statistic_kernel import fused_attention_received
 from lmms_eval_models.patches.common import (
     PATCH_ATTR,
@@ -154,6 +155,7 @@ def apply(
     *,
     method: str | None = None,
     baseline_options: Mapping[str, Any] | None = None,
+    backend: Backend | None = None,
 ) -> nn.Module:
     """Patch this `LlavaOnevisionForConditionalGeneration` instance to compress its videos with `method` at
     `config.retention_ratio` (method None: "flashvid" with a config; without one the layout alone, "none").
@@ -168,7 +170,7 @@ def apply(
     if method is None:
         method = "none" if config is None else "flashvid"  # no config: no compression, as before methods existed
     layers = model.model.language_model.layers
-    plan = plan_method(method, baseline_options, config, len(layers))
+    plan = plan_method(method, baseline_options, config, len(layers), backend)
     if getattr(model, PATCH_ATTR, None) is not None:
         remove(model)
     # None when the method does not prune inside the LLM (FlashVID: K beyond the LLM, as the official code)
@@ -218,7 +220,8 @@ def _flashvid_model_class(original: type) -> type:
                 "not pre-encoded video outputs (mm_encoder_outputs)"
             )
         if arguments.get("pixel_values_videos") is not None:
-            return _video_prefill(self, patch, stock_forward, arguments)
+            with patch.method.scope():
+                return _video_prefill(self, patch, stock_forward, arguments)
         decode = patch.decode
         if decode is not None and decode.continues(arguments):
             return stock_forward(self, **_translate_decode(decode, arguments))
@@ -300,10 +303,6 @@ def bilinear_pool_half(features: torch.Tensor, height: int, width: int) -> torch
     return pooled.permute(0, 2, 3, 1).reshape(batch, -1, dim)
 
 
-# On CUDA (float16/bfloat16, Triton present) the statistic comes from one fused kernel (_statistic_kernel).
-USE_FUSED_STATISTIC = True
-
-
 def attention_received(
     attention: nn.Module,
     hidden_states: torch.Tensor,
@@ -328,7 +327,8 @@ def attention_received(
         )
 
     queries, keys = heads(attention.q_proj), heads(attention.k_proj)
-    if attention_mask is None and USE_FUSED_STATISTIC:
+    # On CUDA (float16/bfloat16, Triton present) one fused kernel (_statistic_kernel), unless the Backend says no.
+    if attention_mask is None and current_backend().fused_statistic:
         fused = fused_attention_received(queries, keys, attention.scale)
         if fused is not None:  # CUDA half/bfloat16 with Triton: no score tensor in memory at all
             return fused / (attention.num_heads * length)

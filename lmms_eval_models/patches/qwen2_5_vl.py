@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashvid_core.backend import Backend
 from lmms_eval_models.patches import _qwen_common
 
 SUPPORTED_CLASS = "Qwen2_5_VLForConditionalGeneration"
@@ -76,10 +77,11 @@ FAMILY = _qwen_common.QwenFamily(
 
 
 def apply(
-    model: Any, config: Any, *, method: str = "flashvid", baseline_options: Mapping[str, Any] | None = None
+    model: Any, config: Any, *, method: str = "flashvid", baseline_options: Mapping[str, Any] | None = None,
+    backend: Backend | None = None,
 ) -> Any:
     """Patch this Qwen2.5-VL instance to compress videos with `method` at `config`'s retention ratio; returns it."""
-    return _qwen_common.apply(model, config, FAMILY, {}, method, baseline_options)
+    return _qwen_common.apply(model, config, FAMILY, {}, method, baseline_options, backend)
 
 
 def remove(model: Any) -> Any:

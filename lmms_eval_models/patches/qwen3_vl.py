@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashvid_core.backend import Backend
 from lmms_eval_models.patches import _qwen_common
 from lmms_eval_models.patches.common import PATCH_ATTR
 
@@ -83,12 +84,13 @@ def apply(
     *,
     method: str = "flashvid",
     baseline_options: Mapping[str, Any] | None = None,
+    backend: Backend | None = None,
 ) -> Any:
     """Patch this Qwen3-VL instance to compress videos with `method` at `config`'s retention ratio; returns it."""
     if not isinstance(drop_vision_delimiters, bool):
         raise ValueError(f"drop_vision_delimiters={drop_vision_delimiters!r} is invalid: expected True or False")
     options = {"drop_vision_delimiters": drop_vision_delimiters}
-    _qwen_common.apply(model, config, FAMILY, options, method, baseline_options)
+    _qwen_common.apply(model, config, FAMILY, options, method, baseline_options, backend)
     language_model = model.model.language_model
     # instance attribute: only this model's text model routes deepstack additions through the gather
     language_model._flashvid_deepstack_state = getattr(model, PATCH_ATTR)

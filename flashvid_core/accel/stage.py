@@ -8,9 +8,9 @@ one launch per video. The stage is the same code eagerly or replayed; `tests/tes
 compress with and without it on a GPU.
 
 Used for float16/bfloat16 features on CUDA with the Triton kernels available and the default TSTM (no opt-in tree
-limits, windows or float32 sums); elsewhere compress runs its eager path. `USE_STAGE_GRAPHS = False` runs the same
-stage eagerly (for profiling); `ENABLED = False` turns the path off. The cache keeps `CACHE_SIZE` graphs, each
-holding its buffers (about 5 copies of the features at 64x196x3584: ~0.5 GB).
+limits, windows or float32 sums); elsewhere compress runs its eager path. `Backend(stage_graphs=False)` runs the
+same stage eagerly (for profiling); `Backend(cuda_stage=False)` turns the path off. The cache keeps `CACHE_SIZE`
+graphs, each holding its buffers (about 5 copies of the features at 64x196x3584: ~0.5 GB).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _cuda_kernels
-from .config import FlashVIDConfig
-from .merging import frame_layout, merge_decisions_by_frame, stepwise_tree_sums_by_frame, temporal_parents
-from .selection import select_tokens
+from ..backend import current_backend, provide
+from ..config import FlashVIDConfig
+from ..merging import children_and_counts, frame_layout, merge_decisions_by_frame, temporal_parents
+from ..selection import select_tokens
+from . import kernels
+from .graphs import GraphCache
 
-ENABLED = True
-USE_STAGE_GRAPHS = True
 CACHE_SIZE = 2
 
 
@@ -59,17 +59,30 @@ class StageOutput:
     passed_counts: Tensor | None
 
 
-_GRAPHS: OrderedDict[tuple, tuple] = OrderedDict()
-_SEEN: OrderedDict[tuple, None] = OrderedDict()  # keys run once, eagerly
-_broken = False
-last_error: BaseException | None = None  # why capturing failed, if it did
+class StageState:
+    """The stage's graphs, the keys seen once (run eagerly), and whether it failed (then it stays off)."""
+
+    def __init__(self) -> None:
+        self.graphs = GraphCache(CACHE_SIZE)
+        self.seen: OrderedDict[tuple, None] = OrderedDict()
+        self.broken = False
+        self.last_error: BaseException | None = None  # why the stage failed, if it did
+
+    def disable(self, error: BaseException) -> None:
+        self.broken, self.last_error = True, error
+        self.graphs.clear()
+        warnings.warn(f"flashvid_core: the CUDA stage is disabled, compress runs its eager path: {error!r}",
+                      RuntimeWarning, stacklevel=5)
+
+
+STATE = StageState()
 
 
 def applies(features: Tensor, config: FlashVIDConfig) -> bool:
     """Whether compress takes this path for these features and settings."""
     return (
-        ENABLED
-        and not _broken
+        current_backend().cuda_stage
+        and not STATE.broken
         and features.is_cuda
         and features.dtype in (torch.float16, torch.bfloat16)
         and config.tstm_max_depth is None
@@ -77,55 +90,62 @@ def applies(features: Tensor, config: FlashVIDConfig) -> bool:
         and config.tstm_spatial_window is None
         and not config.tstm_float32_sums
         and not config.tstm_true_mean
-        and _cuda_kernels.available()
+        and kernels.available()
     )
+
+
+@provide("compress_stage")
+def compress_stage(features: Tensor, attention: Tensor, config: FlashVIDConfig, segment_lengths: list[int],
+                   num_selected: int, num_merged: int) -> StageOutput | None:
+    """`compress`'s fast path from selection to the passed-on tokens, or None where it does not apply."""
+    if not applies(features, config):
+        return None
+    plan = Plan(num_selected, num_merged, config.token_selection_method,
+                True if config.adts_forbid_repick else None, config.temporal_threshold,
+                num_selected + num_merged, max(segment_lengths) > 1)
+    return run(features, attention, segment_lengths, plan)
 
 
 def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: Plan) -> StageOutput | None:
     """The stage for one video: replayed from the graph cache (captured the second time its key comes), or run
     eagerly; None if it failed (no Triton compiler, a capture error): the caller then runs its eager path, and
     this path stays off for the process, with one warning saying why."""
-    if _broken:
+    if STATE.broken:
         return None
     try:
         return _run(features, attention, segment_lengths, plan)
     except Exception as error:
-        _disable(error)
+        STATE.disable(error)
         return None
 
 
 def _run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: Plan) -> StageOutput:
     segment_ids, segment_start, segment_length = _frame_segments(segment_lengths, features.device)
     inputs = (features, attention, segment_ids, segment_start, segment_length)
-    if not USE_STAGE_GRAPHS:
+    if not current_backend().stage_graphs:
         return stage(*inputs, plan)
     key = (features.device, features.dtype, attention.dtype, tuple(features.shape), plan)
-    entry = _GRAPHS.pop(key, None)
-    if entry is None and key not in _SEEN:
+    if key not in STATE.seen and key not in STATE.graphs:
         # A shape seen once runs eagerly (same code, same results): capturing costs a few eager runs, so only
         # shapes that come back are captured (videos of varying length would otherwise thrash the cache).
-        _SEEN[key] = None
-        while len(_SEEN) > 64:
-            _SEEN.popitem(last=False)
+        STATE.seen[key] = None
+        while len(STATE.seen) > 64:
+            STATE.seen.popitem(last=False)
         return stage(*inputs, plan)
-    if entry is None:
-        entry = _capture(inputs, plan)
-        while len(_GRAPHS) >= CACHE_SIZE:
-            _GRAPHS.popitem(last=False)
-    _GRAPHS[key] = entry
-    graph, static_inputs, output = entry
-    for buffer, value in zip(static_inputs, inputs):
-        buffer.copy_(value)
-    graph.replay()
-    return output
+    return STATE.graphs.replay(key, inputs, lambda *static: stage(*static, plan))
 
 
-def _disable(error: BaseException) -> None:
-    global _broken, last_error
-    _broken, last_error = True, error
-    _GRAPHS.clear()
-    warnings.warn(f"flashvid_core: the CUDA stage is disabled, compress runs its eager path: {error!r}",
-                  RuntimeWarning, stacklevel=4)
+def stepwise_tree_sums_by_frame(
+    features: Tensor, merged: Tensor, parent: Tensor, segment_start: Tensor, segment_length: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`merging.stepwise_tree_sums` with the segments given per frame as device tensors (F,) int64 (first frame
+    of the frame's segment, its length): one Triton kernel, fixed shapes, no host data. CUDA float16/bfloat16
+    only; raises RuntimeError where the kernel cannot run (the caller then uses stepwise_tree_sums)."""
+    children_of, counts = children_and_counts(features, merged, parent)
+    values = features.clone()
+    if not kernels.walk_tree_sums_by_frame(values, children_of, segment_start, segment_length):
+        raise RuntimeError("the Triton TSTM walk cannot run here")
+    return values, counts
 
 
 def stage(features: Tensor, attention: Tensor, segment_ids: Tensor, segment_start: Tensor,
@@ -153,20 +173,6 @@ def stage(features: Tensor, attention: Tensor, segment_ids: Tensor, segment_star
         sums, counts = features, None
     token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)
     return StageOutput(keep, selected, sums, counts, passed, token_order, passed.sum(dim=-1))
-
-
-def _capture(inputs: tuple[Tensor, ...], plan: Plan) -> tuple:
-    static_inputs = tuple(value.clone() for value in inputs)
-    device = inputs[0].device
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        stage(*static_inputs, plan)  # warm-up: compiles the Triton kernels, fills the allocator's caches
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        output = stage(*static_inputs, plan)
-    return graph, static_inputs, output
 
 
 def _frame_segments(segment_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

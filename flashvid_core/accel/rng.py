@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._cuda_kernels import disable, lazy_kernel
-from ._transfer import int_tensors
+from .._transfer import int_tensors
+from ..backend import current_backend, provide
+from .kernels import KERNELS
 
 # PyTorch advances the Philox offset by 4 per uniform call below this size (one grid-stride pass).
 MAX_FUSED_DRAW = 256 * 1024
@@ -60,7 +61,7 @@ def fused_uniform_draws(sizes: list[int], device: torch.device, generator: torch
     """
     if not sizes or max(sizes) > MAX_FUSED_DRAW or min(sizes) < 1 or torch.cuda.is_current_stream_capturing():
         return None
-    kernel = lazy_kernel(__name__, _build_kernel)
+    kernel = KERNELS.get(__name__, _build_kernel)
     if kernel is None:
         return None
     gen = _generator_for(device, generator)
@@ -77,7 +78,7 @@ def fused_uniform_draws(sizes: list[int], device: torch.device, generator: torch
             kernel[(len(sizes),)](out, start_tensor, size_tensor, seed, offset // _OFFSET_PER_CALL,
                                   BLOCK=256)
     except Exception:  # a compile failure: fall back for the rest of the process
-        disable(__name__)
+        KERNELS.disable(__name__)
         return None
     gen.set_offset(offset + _OFFSET_PER_CALL * len(sizes))
     return out
@@ -95,3 +96,11 @@ def draws_match_torch(sizes: list[int], device: torch.device, seed: int = 0) -> 
         return False
     after_fused = torch.rand(8, device=device, generator=generator)
     return torch.equal(reference, fused) and torch.equal(after_reference, after_fused)
+
+
+@provide("uniform_draws")
+def accelerated_draws(num_points: list[int], device: torch.device, generator: torch.Generator | None) -> Tensor | None:
+    """The DPC tie-breaker draws of every call in one launch on CUDA; None (nothing drawn) where it cannot."""
+    if device.type != "cuda" or not current_backend().fused_cuda_draws:
+        return None
+    return fused_uniform_draws(num_points, device, generator)

@@ -7,8 +7,8 @@
 
 Both compute what the PyTorch code computes, value for value: the same comparisons with the same tie rule (the
 lowest index wins, as torch.argmax/argmin), and for the walk the same roundings (the children's sum rounded to
-the input dtype, then the addition rounded). They run only on CUDA with Triton; `ENABLED = False`, no Triton or a
-compile failure falls back to the PyTorch code. `tests/test_gpu_fast_paths.py` compares both ways on a GPU.
+the input dtype, then the addition rounded). They run only on CUDA with Triton; `Backend(triton=False)`, no Triton
+or a compile failure falls back to the PyTorch code. `tests/test_gpu_fast_paths.py` compares both ways on a GPU.
 """
 
 from __future__ import annotations
@@ -19,32 +19,37 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._transfer import int_tensors
-
-ENABLED = True
-
-_kernels: dict[str, object] = {}
-_failed: set[str] = set()
+from .._transfer import int_tensors
+from ..backend import current_backend, provide
 
 
-def lazy_kernel(name: str, build: Callable[[], object]) -> object | None:
-    """What `build()` returns (Triton kernels), built on first use and kept; None once building failed (no
-    Triton) or `disable(name)` was called after a failed launch, so the caller takes its PyTorch path. Used by
-    every Triton kernel of the project (this module's, the DPC draws, the LLaVA statistic)."""
-    if name in _failed:
-        return None
-    if name not in _kernels:
-        try:
-            _kernels[name] = build()
-        except Exception:  # no triton
-            _failed.add(name)
+class KernelRegistry:
+    """Triton kernels built on first use and kept, by name; every Triton kernel of the project (this module's,
+    the DPC draws, the LLaVA statistic) is built through the one registry `KERNELS`."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[str, object] = {}
+        self._failed: set[str] = set()
+
+    def get(self, name: str, build: Callable[[], object]) -> object | None:
+        """What `build()` returns, built once; None once building failed (no Triton) or `disable(name)` was called
+        after a failed launch, so the caller takes its PyTorch path."""
+        if name in self._failed:
             return None
-    return _kernels[name]
+        if name not in self._kernels:
+            try:
+                self._kernels[name] = build()
+            except Exception:  # no triton
+                self._failed.add(name)
+                return None
+        return self._kernels[name]
+
+    def disable(self, name: str) -> None:
+        """After a failed launch (a compile error): the caller's PyTorch path from now on."""
+        self._failed.add(name)
 
 
-def disable(name: str) -> None:
-    """After a failed launch (a compile error): the caller's PyTorch path from now on."""
-    _failed.add(name)
+KERNELS = KernelRegistry()
 
 
 def _build() -> dict[str, object]:  # pragma: no cover - needs triton and a CUDA device
@@ -128,14 +133,14 @@ def _build() -> dict[str, object]:  # pragma: no cover - needs triton and a CUDA
 
 
 def _kernel(name: str):
-    if not ENABLED:
+    if not current_backend().triton:
         return None
-    kernels = lazy_kernel(__name__, _build)
+    kernels = KERNELS.get(__name__, _build)
     return None if kernels is None else kernels[name]
 
 
 def greedy_max_min(distances: Tensor, num_picks: int, forbid_repick: bool, picked_value: float) -> Tensor | None:
-    """`selection._greedy` in one launch: distances (B, N, N) float32 CUDA -> picks (B, num_picks) int64, or None."""
+    """`selection.greedy_loop` in one launch: distances (B, N, N) float32 CUDA -> picks (B, num_picks) int64, or None."""
     if not distances.is_cuda or distances.dtype != torch.float32 or distances.shape[1] > 4096 or num_picks < 1:
         return None
     kernel = _kernel("greedy")
@@ -144,12 +149,13 @@ def greedy_max_min(distances: Tensor, num_picks: int, forbid_repick: bool, picke
     try:
         return launch_greedy(kernel, distances, num_picks, forbid_repick, picked_value)
     except Exception:
-        disable(__name__)
+        KERNELS.disable(__name__)
         return None
 
 
+@provide("walk_tree_sums")
 def walk_tree_sums(values: Tensor, children_of: Tensor, segment_lengths: list[int]) -> bool:
-    """`merging._stepwise_walk` in place, all segments and feature columns in parallel. values (F, N, D) and
+    """`merging.stepwise_walk` in place, all segments and feature columns in parallel. values (F, N, D) and
     children_of (F, N, N) float16/bfloat16 CUDA, contiguous. Returns False (values untouched) if it cannot run."""
     walked = [(start, length) for start, length in _segment_starts(segment_lengths) if length > 1]
     if not walked:  # nothing to add; True where the kernel path is taken at all
@@ -214,7 +220,7 @@ def _walk(values: Tensor, children_of: Tensor, starts: Tensor, lengths: Tensor) 
     try:
         launch_walk(kernel, values, children_of, starts, lengths)
     except Exception:
-        disable(__name__)
+        KERNELS.disable(__name__)
         return False
     return True
 
