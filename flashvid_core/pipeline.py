@@ -47,6 +47,39 @@ class Compression:
         return int(self.indices.shape[0])
 
 
+@dataclass(frozen=True)
+class VideoPlan:
+    """What one video's compression runs with, besides its tensors: the config, the DySeg segments, the per-frame
+    split of the budget and the DPC tie-breaker's source. The eager stages and the accel layer's CUDA stage read
+    the same plan."""
+
+    config: FlashVIDConfig
+    segment_lengths: tuple[int, ...]
+    num_selected: int
+    num_merged: int
+    generator: torch.Generator | None = None
+    dpc_noise: Tensor | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.num_selected + self.num_merged
+
+    @property
+    def multi_frame(self) -> bool:
+        """Some segment has more than one frame (TSTM runs)."""
+        return max(self.segment_lengths) > 1
+
+
+@dataclass(frozen=True)
+class PassedTokens:
+    """The tokens TSTM passes on to DPC-kNN: their values, token_order (F, N) (each frame's passed tokens first,
+    in index order) and passed_counts (F,) on the device."""
+
+    values: _RootValues
+    token_order: Tensor
+    passed_counts: Tensor
+
+
 def validate_inputs(features: Tensor, attention: Tensor, check_finite: bool = True) -> None:
     """Raise ValueError unless features is (F, N, D) and attention (F, N), floating, finite, F, N, D >= 1."""
     if not isinstance(features, Tensor) or not isinstance(attention, Tensor):
@@ -169,9 +202,8 @@ def compress(
     # num_merged > 0 needs alpha < 1, and FlashVIDConfig refuses alpha < 1 with temporal_threshold >= 1.
 
     segment_lengths = _checked_segment_lengths(features, attention, config, check_finite)
-    return _compress(
-        features, attention, config, segment_lengths, num_selected, num_merged, generator, dpc_noise
-    )
+    return _compress(features, attention,
+                     VideoPlan(config, tuple(segment_lengths), num_selected, num_merged, generator, dpc_noise))
 
 
 @torch.no_grad()
@@ -208,33 +240,28 @@ def compress_segment(
         )
     if num_selected > 0 and config.alpha == 0.0:
         raise ValueError("num_selected > 0 with alpha = 0: the official code runs no selection when alpha is 0")
-    return _compress(
-        features, attention, config, [features.shape[0]], num_selected, num_merged, generator, dpc_noise
-    )
+    return _compress(features, attention,
+                     VideoPlan(config, (features.shape[0],), num_selected, num_merged, generator, dpc_noise))
 
 
-def _compress(
-    features: Tensor,
-    attention: Tensor,
-    config: FlashVIDConfig,
-    segment_lengths: list[int],
-    num_selected: int,
-    num_merged: int,
-    generator: torch.Generator | None,
-    dpc_noise: Tensor | None,
-) -> Compression:
+def _compress(features: Tensor, attention: Tensor, plan: VideoPlan) -> Compression:
+    """Select, merge, cluster and assemble one video (segments already cut): the eager path, or the accel
+    layer's CUDA stage up to the passed-on tokens where it applies."""
     num_frames, num_tokens, _ = features.shape
     device = features.device
-    budget = num_selected + num_merged
+    config, segment_lengths = plan.config, list(plan.segment_lengths)
+    num_selected, num_merged = plan.num_selected, plan.num_merged
     frame_arange = torch.arange(num_frames, device=device)
 
-    fast_stage = fast_path("compress_stage") if budget > 0 and features.is_cuda else None
+    fast_stage = fast_path("compress_stage") if plan.budget > 0 and features.is_cuda else None
     if fast_stage is not None:
-        stage = fast_stage(features, attention, config, segment_lengths, num_selected, num_merged)
+        stage = fast_stage(features, attention, plan)
         if stage is not None:
-            values = _RootValues(stage.sums, stage.counts, features.dtype) if num_merged > 0 else None
-            return _finish(features, stage.keep, values, stage.token_order, stage.passed_counts, segment_lengths,
-                           num_selected, num_merged, generator, dpc_noise)
+            passed = None
+            if num_merged > 0:
+                passed = PassedTokens(_RootValues(stage.sums, stage.counts, features.dtype), stage.token_order,
+                                      stage.passed_counts)
+            return _finish(features, stage.keep, passed, plan)
     # Token selection for every frame at once (event relevance is per segment).
     selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
     # One float32 copy serves selection distances and TSTM sums (a no-op for float32 inputs); for float32 inputs
@@ -255,32 +282,20 @@ def _compress(
             normalized=normalized,
         )  # (F, K)
         selected[frame_arange.unsqueeze(-1), keep] = True
-    values = token_order = passed_counts = None
+    passed = None
     if num_merged > 0:
-        values, token_order, passed_counts = _passed_tokens(
-            features, features_float32, normalized, selected, segment_lengths, config, budget
-        )
-    return _finish(features, keep, values, token_order, passed_counts, segment_lengths, num_selected, num_merged,
-                   generator, dpc_noise)
+        passed = _passed_tokens(features, features_float32, normalized, selected, segment_lengths, config,
+                                plan.budget)
+    return _finish(features, keep, passed, plan)
 
 
-def _finish(
-    features: Tensor,
-    keep: Tensor | None,
-    values: _RootValues | None,
-    token_order: Tensor | None,
-    passed_counts: Tensor | None,
-    segment_lengths: list[int],
-    num_selected: int,
-    num_merged: int,
-    generator: torch.Generator | None,
-    dpc_noise: Tensor | None,
-) -> Compression:
-    """From the selected tokens (keep (F, K) or None) and the passed-on tokens (values, token_order (F, N),
-    passed_counts (F,) on the device; None without merged tokens): DPC-kNN per frame, then every token ordered by
-    global index (new tensors: nothing aliases the inputs or a CUDA graph's buffers)."""
+def _finish(features: Tensor, keep: Tensor | None, passed: PassedTokens | None, plan: VideoPlan) -> Compression:
+    """From the selected tokens (keep (F, K) or None) and the passed-on tokens (None without merged tokens):
+    DPC-kNN per frame, then every token ordered by global index (new tensors: nothing aliases the inputs or a
+    CUDA graph's buffers)."""
     num_frames, num_tokens, dim = features.shape
     device = features.device
+    segment_lengths, num_selected, num_merged = list(plan.segment_lengths), plan.num_selected, plan.num_merged
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
     if keep is not None:
@@ -288,10 +303,10 @@ def _finish(
         pieces_tokens.append(features[frame_arange.unsqueeze(-1), keep].reshape(-1, dim))
         pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + keep).reshape(-1))
     segment_num_tokens = [num_selected * length for length in segment_lengths]
-    if num_merged > 0:
-        counts: list[int] = passed_counts.tolist()  # the device read: cluster counts are host arithmetic
+    if passed is not None:
+        counts: list[int] = passed.passed_counts.tolist()  # the device read: cluster counts are host arithmetic
         cluster_tokens, cluster_indices, per_segment = _cluster_passed(
-            values, token_order, counts, segment_lengths, num_merged, generator, dpc_noise
+            passed.values, passed.token_order, counts, segment_lengths, num_merged, plan.generator, plan.dpc_noise
         )
         pieces_tokens.extend(cluster_tokens)
         pieces_indices.extend(cluster_indices)
@@ -324,9 +339,8 @@ def _passed_tokens(
     segment_lengths: list[int],
     config: FlashVIDConfig,
     budget: int,
-) -> tuple[_RootValues, Tensor, Tensor]:
-    """TSTM: the tokens each frame passes on to DPC-kNN. Returns their values, token_order (F, N) (each frame's
-    passed tokens first, in index order) and passed_counts (F,) on the device."""
+) -> PassedTokens:
+    """TSTM: the tokens each frame passes on to DPC-kNN."""
     num_frames, num_tokens, _ = features.shape
     device, dtype = features.device, features.dtype
     layout = frame_layout(segment_lengths, device)  # one transfer, shared with TSTM
@@ -357,7 +371,7 @@ def _passed_tokens(
         values = _RootValues(features, None, dtype)
     # Per frame, the passed-on tokens first, in index order (a stable sort of the "not passed" flags).
     token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)  # (F, N)
-    return values, token_order, passed.sum(dim=-1)
+    return PassedTokens(values, token_order, passed.sum(dim=-1))
 
 
 def _cluster_passed(

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..backend import current_backend, provide
 from ..config import FlashVIDConfig
 from ..merging import children_and_counts, frame_layout, merge_decisions_by_frame, temporal_parents
+from ..pipeline import VideoPlan
 from ..selection import select_tokens
 from . import kernels
 from .graphs import GraphCache
@@ -95,15 +96,16 @@ def applies(features: Tensor, config: FlashVIDConfig) -> bool:
 
 
 @provide("compress_stage")
-def compress_stage(features: Tensor, attention: Tensor, config: FlashVIDConfig, segment_lengths: list[int],
-                   num_selected: int, num_merged: int) -> StageOutput | None:
-    """`compress`'s fast path from selection to the passed-on tokens, or None where it does not apply."""
+def compress_stage(features: Tensor, attention: Tensor, video: VideoPlan) -> StageOutput | None:
+    """`compress`'s fast path from selection to the passed-on tokens for this video's plan, or None where it
+    does not apply."""
+    config = video.config
     if not applies(features, config):
         return None
-    plan = Plan(num_selected, num_merged, config.token_selection_method,
-                True if config.adts_forbid_repick else None, config.temporal_threshold,
-                num_selected + num_merged, max(segment_lengths) > 1)
-    return run(features, attention, segment_lengths, plan)
+    plan = Plan(video.num_selected, video.num_merged, config.token_selection_method,
+                True if config.adts_forbid_repick else None, config.temporal_threshold, video.budget,
+                video.multi_frame)
+    return run(features, attention, list(video.segment_lengths), plan)
 
 
 def run(features: Tensor, attention: Tensor, segment_lengths: list[int], plan: Plan) -> StageOutput | None:
