@@ -10,7 +10,7 @@ from . import accel  # noqa: F401  (fills the fast-path slots)
 from .backend import Backend, current_backend, use_backend
 from .clustering import dpc_knn, dpc_knn_ragged, draw_density_noise
 from .config import TOKEN_SELECTION_METHODS, FlashVIDConfig
-from .llm_pruning import last_query_attention, llm_keep_positions
+from .llm_pruning import last_query_attention_from_probabilities, llm_keep_positions
 from .merging import merge_segment, spatiotemporal_merge, temporal_parents, tree_roots
 from .pipeline import Compression, compress, compress_segment, validate_inputs
 from .segmentation import segment_lengths, transition_similarities, video_segment_lengths
@@ -36,7 +36,7 @@ __all__ = [
     "dpc_knn_ragged",
     "draw_density_noise",
     "event_relevance",
-    "last_query_attention",
+    "last_query_attention_from_probabilities",
     "llm_keep_positions",
     "max_min_diversity",
     "merge_segment",

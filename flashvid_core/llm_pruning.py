@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-def last_query_attention(attentions: Tensor) -> Tensor:
+def last_query_attention_from_probabilities(attentions: Tensor) -> Tensor:
     """The last query's attention over the keys, averaged over heads.
 
     attentions: softmax attention probabilities (B, H, L, L) or (H, L, L). Returns (B, L) or (L,) float32.

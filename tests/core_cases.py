@@ -213,7 +213,7 @@ def check_segment_compression(case: dict[str, Any], device: str = "cpu", inject_
 def check_fastv_prune(case: dict[str, Any], device: str = "cpu") -> None:
     data = arrays(case)
     params = case["params"]
-    attention = fc.last_query_attention(torch.from_numpy(data["attentions"]).to(device))[0]
+    attention = fc.last_query_attention_from_probabilities(torch.from_numpy(data["attentions"]).to(device))[0]
     keep = fc.llm_keep_positions(
         attention, params["visual_token_start_index"], params["visual_token_length"], params["llm_retention_ratio"]
     )

@@ -205,8 +205,8 @@ def test_llm_keep_positions_golden_and_arithmetic():
 
 def test_last_query_attention_averages_heads_of_the_last_row():
     probs = torch.softmax(torch.randn(1, 3, 5, 5), dim=-1)
-    assert torch.allclose(fc.last_query_attention(probs)[0], probs[0, :, -1, :].mean(dim=0))
-    assert torch.allclose(fc.last_query_attention(probs[0]), probs[0, :, -1, :].mean(dim=0))
+    assert torch.allclose(fc.last_query_attention_from_probabilities(probs)[0], probs[0, :, -1, :].mean(dim=0))
+    assert torch.allclose(fc.last_query_attention_from_probabilities(probs[0]), probs[0, :, -1, :].mean(dim=0))
 
 
 @pytest.mark.gpu

@@ -28,10 +28,13 @@ from typing import Any, ClassVar
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
 from flashvid_core import FlashVIDConfig
 from lmms_eval_models.methods import MethodSettings, get_method, llm_pruning_plan
+from lmms_eval_models.patches import apply_flashvid
 from lmms_eval_models.patches.common import synchronize
 
 ENABLE_KEY = "enable_flashvid"
@@ -391,8 +394,6 @@ class FlashVIDModel:
         check_batch_size(arguments.base.get("batch_size", 1))
         resolve_dtype(arguments.base.get("dtype"))
         check_llm_depth(arguments)
-        from lmms_eval.api.model import lmms
-
         lmms.__init__(self)  # not the base class's __init__: loading is ours (see the module docstring)
         self.flashvid_arguments = arguments
         self._in_inner_call = False
@@ -413,8 +414,6 @@ class FlashVIDModel:
     def _apply_patches(self, arguments: ModelArguments) -> None:
         """A method that does not compress (vanilla) patches only where the family's layout needs it (LLaVA-Video),
         as vanilla runs always did."""
-        from lmms_eval_models.patches import apply_flashvid
-
         if not arguments.enable_flashvid:
             if self.family_options:
                 apply_flashvid(self.model, None, method=arguments.method, **self.family_options)
@@ -476,8 +475,6 @@ class FlashVIDModel:
         lmms-eval averages each extra figure over the logged entries into the results' "throughput" section
         (`avg_visual_tokens_in`, ...), so one entry per sample gives the per-sample means.
         """
-        from lmms_eval.models.model_utils.gen_metrics import log_metrics
-
         if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * self._world_size
             torch.distributed.all_gather_object(gathered, records)

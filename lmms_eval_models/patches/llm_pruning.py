@@ -46,7 +46,7 @@ from torch import nn
 
 from lmms_eval_models.patches.common import rotate_half
 
-__all__ = ["LLMPruner", "PrefillResult", "attach_llm_pruning", "last_query_attention"]
+__all__ = ["LLMPruner", "PrefillResult", "attach_llm_pruning", "layer_last_query_attention"]
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -66,7 +66,7 @@ def _compose_mrope(attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -
     return cos.gather(0, index)[0], sin.gather(0, index)[0]
 
 
-def last_query_attention(
+def layer_last_query_attention(
     attention: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """Softmax attention of the last query over all keys, averaged over heads.
@@ -236,7 +236,7 @@ class LLMPruner:
         if position_embeddings is None:
             raise ValueError("inner-LLM pruning needs the layer's rotary position_embeddings (cos, sin)")
         with torch.no_grad():
-            result.last_query_attention = last_query_attention(module, hidden_states, position_embeddings)
+            result.last_query_attention = layer_last_query_attention(module, hidden_states, position_embeddings)
         return None
 
     def _make_layer_hook(self, is_pruning_layer: bool):
