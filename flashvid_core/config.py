@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .values import parse_text
+
 # The paper's names for the selection methods (Table 4): attn = ATS, div = DTS, attn_div = "w/ C.A." (ADTS v1),
 # attn_div_v2 = ADTS (default), div_er = "w/ E.R." (diversity calibrated by event relevance only; not in the
 # official code).
@@ -189,29 +191,15 @@ class FlashVIDConfig:
 
     @classmethod
     def _parse_value(cls, key: str, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value  # already typed: the constructor validates it
-        text = value.strip()
         if key in cls._BOOL_FIELDS:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
-            raise ValueError(f"{key}={value!r} is invalid: expected True or False")
-        if key in cls._OPTIONAL_INT_FIELDS and text.lower() in ("none", "null", "inf", ""):
-            return None
-        if key in cls._INT_FIELDS or key in cls._OPTIONAL_INT_FIELDS:
-            try:
-                return int(text)
-            except ValueError:
-                raise ValueError(f"{key}={value!r} is invalid: expected an integer") from None
+            return parse_text(key, value, bool)
+        if key in cls._OPTIONAL_INT_FIELDS:
+            return parse_text(key, value, int, optional=True)
+        if key in cls._INT_FIELDS:
+            return parse_text(key, value, int)
         if key in cls._FLOAT_FIELDS:
-            try:
-                return float(text)
-            except ValueError:
-                raise ValueError(f"{key}={value!r} is invalid: expected a number") from None
-        return text
+            return parse_text(key, value, float)
+        return parse_text(key, value, str)
 
     def replace(self, **changes: Any) -> FlashVIDConfig:
         """A copy with `changes` applied (validated again); unknown keys raise ValueError."""

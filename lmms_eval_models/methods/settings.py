@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flashvid_core.values import parse_text
 from lmms_eval_models.methods.base import Method
 
 
@@ -41,13 +42,7 @@ class _ComposedSettings:
         parsed: dict[str, Any] = {}
         for name, value in options.items():
             kind = type(fields[name].default)
-            if isinstance(value, str) and kind in (int, float):
-                try:
-                    value = kind(value.strip())
-                except ValueError:
-                    expected = "an integer" if kind is int else "a number"
-                    raise ValueError(f"{name}={value!r} is invalid: expected {expected}") from None
-            parsed[name] = value
+            parsed[name] = parse_text(name, value, kind) if kind in (int, float) else value
         return cls(**parsed)
 
     def to_dict(self) -> dict[str, Any]:

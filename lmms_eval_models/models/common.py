@@ -33,6 +33,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
 from flashvid_core import FlashVIDConfig
+from flashvid_core.values import parse_text
 from lmms_eval_models.methods import MethodSettings, get_method, llm_pruning_plan
 from lmms_eval_models.patches import apply_flashvid
 from lmms_eval_models.patches.common import synchronize
@@ -82,12 +83,14 @@ def baseline_key_names() -> tuple[str, ...]:
 
 
 def parse_bool(key: str, value: Any) -> bool:
+    """True/False, or an int or string that `parse_text` reads as one; ValueError naming the key otherwise."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, str)) and str(value).strip().lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(value, (int, str)) and str(value).strip().lower() in ("false", "0", "no"):
-        return False
+    if isinstance(value, (int, str)):
+        try:
+            return parse_text(key, str(value), bool)
+        except ValueError:
+            pass
     raise ValueError(f"{key}={value!r} is invalid: expected True or False")
 
 
