@@ -11,8 +11,8 @@ from .backend import Backend, current_backend, use_backend
 from .clustering import dpc_knn, dpc_knn_ragged, draw_density_noise
 from .config import TOKEN_SELECTION_METHODS, FlashVIDConfig
 from .llm_pruning import last_query_attention_from_probabilities, llm_keep_positions
-from .merging import merge_segment, spatiotemporal_merge, temporal_parents, tree_roots
-from .pipeline import Compression, compress, compress_segment, validate_inputs
+from .merging import spatiotemporal_merge, temporal_parents, tree_roots
+from .pipeline import Compression, compress, validate_inputs
 from .segmentation import segment_lengths, transition_similarities, video_segment_lengths
 from .selection import (
     calibrated_distances,
@@ -29,7 +29,6 @@ __all__ = [
     "FlashVIDConfig",
     "calibrated_distances",
     "compress",
-    "compress_segment",
     "cosine_distances",
     "current_backend",
     "dpc_knn",
@@ -39,7 +38,6 @@ __all__ = [
     "last_query_attention_from_probabilities",
     "llm_keep_positions",
     "max_min_diversity",
-    "merge_segment",
     "segment_lengths",
     "select_tokens",
     "spatiotemporal_merge",

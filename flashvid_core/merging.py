@@ -183,18 +183,6 @@ def stepwise_walk(values: Tensor, children_of: Tensor) -> None:
         values[frame - 1] += children_of[frame] @ values[frame]
 
 
-def stepwise_root_values(
-    features: Tensor, merged: Tensor, parent: Tensor, segment_lengths: list[int] | None = None
-) -> Tensor:
-    """Root values computed as the official code computes them, in the input dtype: (F, N, D) (roots' rows).
-
-    segment_lengths: the frames' segments (None: one segment), only used to batch the walk (see
-    stepwise_tree_sums).
-    """
-    values, counts = stepwise_tree_sums(features, merged, parent, segment_lengths)
-    return torch.where(merged.unsqueeze(-1), values, values / counts.unsqueeze(-1))
-
-
 def stepwise_tree_sums(
     features: Tensor, merged: Tensor, parent: Tensor, segment_lengths: list[int] | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -339,7 +327,7 @@ def spatiotemporal_merge(
     normalized: optional precomputed features / their L2 norm in the input dtype.
     Sums: float32 inputs are summed over each tree at once (pointer jumping + one index_add; equal to the
     official frame-by-frame sums within float32 rounding). bf16/fp16 inputs are summed frame by frame in the
-    input dtype (stepwise_root_values), rounding as the official code does, unless float32_sums (opt-in: one
+    input dtype (frame by frame, `stepwise_tree_sums`), rounding as the official code does, unless float32_sums (opt-in: one
     float32 sum per tree, faster and more accurate) or true_mean is set.
     layout: frame_layout(segment_lengths, device) if the caller already holds it (saves a transfer).
     """
@@ -387,24 +375,3 @@ def spatiotemporal_merge(
     )
 
 
-def merge_segment(
-    features: Tensor,
-    token_mask: Tensor,
-    temporal_threshold: float,
-    num_selected: int,
-    num_merged: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """TSTM on one segment, in the official function's terms (for tests and callers working per segment).
-
-    features: (T, N, D); token_mask: (T, N) bool, False for ADTS-selected tokens. Returns the kept roots'
-    values (R, D) in the input dtype, frames concatenated, their within-frame indices (R,) and per-frame counts
-    (T,).
-    """
-    selected = ~token_mask.bool()
-    result = spatiotemporal_merge(
-        features, selected, [features.shape[0]], temporal_threshold, num_selected + num_merged
-    )
-    keep = ~result.merged & ~selected
-    frame_index, token_index = torch.nonzero(keep, as_tuple=True)
-    tokens = result.root_values[frame_index, token_index].to(features.dtype)
-    return tokens, token_index, keep.sum(dim=-1)

