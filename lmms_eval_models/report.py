@@ -79,27 +79,65 @@ def _reference_ids(runs: Sequence[Run]) -> dict[str, str]:
     return chosen
 
 
+def _mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1); NaN when a seed lacks the value or n < 2."""
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate_seeds(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per cell (runs that differ only by seed): the mean of each metric, `<metric>_std` and `n`.
+    The cell keeps its first run's id (the one paper matching and Rel. Acc references look up)."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault(row["_cell"], []).append(row)
+    out = []
+    for members in cells.values():
+        cell = {**members[0], "n": len(members)}
+        for metric in metrics:
+            mean, std = _mean_and_std([member.get(metric, math.nan) for member in members])
+            cell[metric], cell[f"{metric}_std"] = mean, std
+        out.append(cell)
+    return out
+
+
 def collect(sweep: Sweep, sweep_dir: Path) -> pd.DataFrame:
-    """One row per finished run, in the sweep file's order, with the paper's columns."""
+    """One row per finished run (per cell: mean, std and n over its seeds, when a cell has several), in the
+    sweep file's order, with the paper's columns."""
     rows = []
     for run in sweep.runs:
         run_dir = store.finished_dir(sweep_dir, run.run_id)
         if not store.is_finished(sweep_dir, run.run_id):
             continue
-        rows.append({**run_fields(run), **read_scores(run_dir), "run_id": run.run_id})
+        rows.append({**run_fields(run), **read_scores(run_dir), "run_id": run.run_id, "_cell": run.cell_key()})
     columns = [c for c in BENCHMARK_COLUMNS if any(c in row for row in rows)]
     for row in rows:
         row["avg_score"] = average(row, columns)
+    # Single-seed sweeps keep their table exactly as before: no n, no std columns.
+    seeded = len({row["_cell"] for row in rows}) < len(rows)
+    if seeded:
+        rows = aggregate_seeds(rows, [*columns, "avg_score"])
+    cell_of = {run.run_id: run.cell_key() for run in sweep.runs}
     references = _reference_ids(sweep.runs)
-    by_id = {row["run_id"]: row for row in rows}
+    by_cell = {row["_cell"]: row for row in rows}
     for row in rows:
-        reference = by_id.get(references.get(row["model"], ""))
+        # Rel. Acc of a cell: its mean Avg over the reference cell's mean Avg.
+        reference = by_cell.get(cell_of.get(references.get(row["model"], ""), ""))
         ok = reference is not None and reference["avg_score"] > 0
         row["rel_acc_pct"] = 100 * row["avg_score"] / reference["avg_score"] if ok else math.nan
     keys = ["model", "run", "method", "retention_ratio"]
     if any(row["frames"] is not None for row in rows):
         keys.append("frames")
-    frame = pd.DataFrame(rows, columns=[*keys, *columns, "avg_score", "rel_acc_pct", "run_id"])
+    metrics = [*columns, "avg_score", "rel_acc_pct"]
+    if seeded:
+        keys.append("n")
+        metrics = [column for metric in metrics
+                   for column in (metric, f"{metric}_std") if column in rows[0] or column == metric]
+    frame = pd.DataFrame(rows, columns=[*keys, *metrics, "run_id"])
     if len(sweep.models) == 1:
         frame = frame.drop(columns=["model"])
     return frame
@@ -125,7 +163,7 @@ def match_paper_rows(sweep: Sweep, ours: pd.DataFrame, paper_dir: Path | None) -
 def comparison(ours: pd.DataFrame, paper_rows: Sequence[dict[str, Any] | None]) -> pd.DataFrame:
     """Our row, the paper's row and ours minus the paper's, for each run (paper cells empty when unmatched)."""
     metrics = [c for c in ours.columns if c in (*BENCHMARK_COLUMNS, "avg_score", "rel_acc_pct")]
-    keys = [c for c in ours.columns if c not in metrics and c != "run_id"]
+    keys = [c for c in ours.columns if c not in metrics and c != "run_id" and not c.endswith("_std")]
     rows = []
     for record, paper in zip(ours.to_dict("records"), paper_rows):
         head = {key: record[key] for key in keys}
@@ -151,13 +189,22 @@ def _cell(value: Any, signed: bool = False) -> str:
     return str(value)
 
 
+def _mean_std_cell(mean: Any, std: Any) -> str:
+    # A cell over several seeds reads "mean ± std"; with one seed (std NaN) just the value, as before.
+    if isinstance(std, float) and not math.isnan(std) and isinstance(mean, float) and not math.isnan(mean):
+        return f"{mean:.1f} ± {std:.1f}"
+    return _cell(mean)
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
-    headers = [PRETTY.get(column, column) for column in frame.columns]
+    shown = [column for column in frame.columns if not column.endswith("_std")]
+    headers = [PRETTY.get(column, column) for column in shown]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for record in frame.to_dict("records"):
         signed = record.get("source") == "diff"
-        lines.append("| " + " | ".join(_cell(record[c], signed and c not in ("retention_ratio", "frames"))
-                                       for c in frame.columns) + " |")
+        cells = [_mean_std_cell(record[c], record[f"{c}_std"]) if f"{c}_std" in record
+                 else _cell(record[c], signed and c not in ("retention_ratio", "frames", "n")) for c in shown]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,13 +237,23 @@ def plot_accuracy(ours: pd.DataFrame, paper_rows: Sequence[dict[str, Any] | None
             name = " / ".join(str(k) for k in key)
             colour_key = key[0] if several_models else key
             colour = palette[colour_keys.index(colour_key) % len(palette)]
+            std_column = f"{column}_std"
             if key[-1] == "Vanilla":
-                axis.axhline(members[0][column], linestyle="--", linewidth=1,
-                             color=colour if several_models else "grey", label=name)
+                line_colour = colour if several_models else "grey"
+                axis.axhline(members[0][column], linestyle="--", linewidth=1, color=line_colour, label=name)
+                spread = members[0].get(std_column, math.nan)
+                if isinstance(spread, float) and not math.isnan(spread):  # ± std over the seeds, as a band
+                    axis.axhspan(members[0][column] - spread, members[0][column] + spread, color=line_colour,
+                                 alpha=0.15, linewidth=0)
                 continue
             members = sorted(members, key=lambda r: r["retention_ratio"])
-            axis.plot([r["retention_ratio"] for r in members], [r[column] for r in members], marker="o",
-                      color=colour, label=name)
+            xs, ys = [r["retention_ratio"] for r in members], [r[column] for r in members]
+            spreads = [r.get(std_column, math.nan) for r in members]
+            if all(math.isnan(spread) for spread in spreads):  # one seed per point: a plain line, as before
+                axis.plot(xs, ys, marker="o", color=colour, label=name)
+            else:  # error bars of ± std over the seeds
+                axis.errorbar(xs, ys, yerr=[0.0 if math.isnan(e) else e for e in spreads], marker="o",
+                              color=colour, label=name, capsize=3)
             paper = [(r["retention_ratio"], _number(r["_paper"].get(column))) for r in members if r["_paper"]]
             if paper:
                 axis.plot(*zip(*paper), marker="o", linestyle=":", markerfacecolor="none", color=colour,

@@ -76,7 +76,8 @@ def run_command(sweep: Sweep, run: Run, sweep_dir: Path) -> list[str]:
 
 def plan_lines(sweep: Sweep, sweep_dir: Path) -> list[str]:
     lines = [f"sweep {sweep.name}: {len(sweep.runs)} run(s); launcher {describe_launcher(sweep.launcher)}",
-             f"output: {sweep_dir}/runs/<run id>  (seed {sweep.seed}, limit {sweep.limit})"]
+             f"output: {sweep_dir}/runs/<run id>  (seed{'s' if len(sweep.seeds) > 1 else ''} "
+             f"{', '.join(map(str, sweep.seeds))}, limit {sweep.limit})"]
     if sweep.description:
         lines.append(f"about: {sweep.description}")
     for index, run in enumerate(sweep.runs, 1):
@@ -173,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text, description=text)
         command.add_argument("sweep_file", metavar="SWEEP",
                              help="a sweep YAML file, or a built-in sweep's name: " + ", ".join(builtin_sweeps()))
-        command.add_argument("--output-root", default=None, help="override the sweep file's output_root")
+        command.add_argument("--output-root", default=None, help="folder holding the sweep's run folders (overrides the sweep file's output_root)")
         if name in ("plan", "run"):
             command.add_argument("--only", action="append", default=[], metavar="PATTERN",
                                  help="only the runs whose id matches this glob (repeatable), e.g. "
                                       "'flashvid_llava_onevision.vanilla-*'; the others are left untouched")
         if name == "run":
-            command.add_argument("--stream", action="store_true", help="show lmms-eval's output live")
-            command.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+            command.add_argument("--stream", action="store_true", help="show lmms-eval's output live (otherwise it goes to each run's log.txt)")
+            command.add_argument("--no-report", action="store_true", help="do not write the report (tables and plot) when every run has finished")
     return parser
 
 

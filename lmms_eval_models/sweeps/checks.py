@@ -6,9 +6,13 @@ and `tag:` lines directly takes well under a second and lets a bad sweep fail be
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
+import io
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -104,9 +108,57 @@ def check_sweep(sweep: Sweep) -> None:
             if isinstance(value, str) and value.startswith(TINY_PREFIX):
                 _check_tiny_family(value, f"points/grid.{arg}")
     tasks = known_task_names(sweep.include_path)
-    for index, task in enumerate(sweep.tasks):
+    for task in dict.fromkeys(task for run in sweep.runs for task in run.tasks):
         if task not in tasks:
-            raise SweepError(f"tasks[{index}]", f"unknown task {task!r}{_did_you_mean(task, tasks)}")
+            index = sweep.tasks.index(task) if task in sweep.tasks else None
+            key = f"tasks[{index}]" if index is not None else "grid.tasks"
+            raise SweepError(key, f"unknown task {task!r}{_did_you_mean(task, tasks)}")
+    check_lmms_eval_args(sweep.lmms_eval_args)
+
+
+@cache
+def lmms_eval_parser() -> argparse.ArgumentParser:
+    """lmms-eval 0.7.3's own CLI parser. `parse_eval_args` builds it and parses sys.argv, so it is called with
+    an argument-less argv (every lmms-eval flag has a default)."""
+    from lmms_eval.__main__ import parse_eval_args
+
+    saved = sys.argv
+    sys.argv = ["lmms_eval"]
+    try:
+        parser, _ = parse_eval_args()
+    finally:
+        sys.argv = saved
+    return parser
+
+
+def check_lmms_eval_args(args: Sequence[str]) -> None:
+    """Each flag of `lmms_eval_args` must be one of lmms-eval's own, spelled out (argparse would take an
+    abbreviation, which could hide a flag the suite sets), and the list must parse as lmms-eval parses it."""
+    if not args:
+        return
+    parser = lmms_eval_parser()
+    known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    for index, arg in enumerate(args):
+        flag = arg.split("=", 1)[0]
+        if arg.startswith("-") and not _is_number(arg) and flag not in known:
+            raise SweepError(f"lmms_eval_args[{index}]",
+                             f"unknown lmms-eval flag {flag!r}{_did_you_mean(flag, known)}")
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(list(args))
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()
+        raise SweepError("lmms_eval_args", f"lmms-eval rejects {list(args)}: "
+                                           f"{message[-1] if message else 'invalid arguments'}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 TINY_FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")

@@ -44,7 +44,7 @@ def lmms_eval_args(run: Run, output_path: Path, model_args: Mapping[str, Scalar]
         args += ["--include_path", str(resolve_include_path(include))]
     if run.gen_kwargs:
         args += ["--gen_kwargs", run.gen_kwargs]
-    return args
+    return [*args, *run.lmms_eval_args]  # the sweep file's `lmms_eval_args`, as given (checked at load)
 
 
 def default_port(run_id: str) -> int:

@@ -21,11 +21,17 @@ Scalar = str | int | float | bool
 
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "model_args", "models", "tasks", "include_path", "grid", "points",
-    "launcher", "output_root", "seed", "limit", "batch_size", "gen_kwargs", "paper",
+    "launcher", "output_root", "seed", "seeds", "limit", "batch_size", "gen_kwargs", "lmms_eval_args", "paper",
 )
 MODEL_ENTRY_KEYS = ("name", "model", "model_args")
-POINT_RESERVED_KEYS = ("name", "label", "reference", "models")
-GRID_RESERVED_KEYS = ("label", "models")
+# Keys of a point or grid that set a run's lmms-eval settings instead of a model_arg. `seeds` (not `seed`):
+# `seed` is a model_arg of the random and FastVID methods.
+RUN_AXIS_KEYS = ("seeds", "tasks", "gen_kwargs")
+POINT_RESERVED_KEYS = ("name", "label", "reference", "models", *RUN_AXIS_KEYS)
+GRID_RESERVED_KEYS = ("label", "models", *RUN_AXIS_KEYS)
+# lmms-eval flags the suite sets itself for every run: `lmms_eval_args` may not repeat them.
+SUITE_OWNED_FLAGS = ("--model", "--model_args", "--tasks", "--output_path", "--seed", "--log_samples",
+                     "--include_path", "--limit", "--batch_size", "--gen_kwargs")
 LAUNCHER_TYPES = ("local", "accelerate", "slurm")
 LAUNCHER_KEYS = {
     "local": ("type",),
@@ -98,10 +104,15 @@ class Run:
     label: str | None
     reference: bool
     order: int
+    lmms_eval_args: tuple[str, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         return run_settings(self.model, self.model_args, self.tasks, self.include_path, self.limit, self.seed,
-                            self.batch_size, self.gen_kwargs)
+                            self.batch_size, self.gen_kwargs, self.lmms_eval_args)
+
+    def cell_key(self) -> str:
+        """What runs that differ only by their seed share: the report aggregates them into one cell."""
+        return settings_hash({**self.settings(), "seed": None, "label": self.label, "name": self.name})
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,8 @@ class Sweep:
     gen_kwargs: str | None
     paper: PaperRef | None
     runs: tuple[Run, ...]
+    seeds: tuple[int, ...] = (0,)
+    lmms_eval_args: tuple[str, ...] = ()
 
     def sweep_dir(self, output_root: str | Path | None = None) -> Path:
         return Path(output_root if output_root is not None else self.output_root) / self.name
@@ -180,8 +193,10 @@ def render_model_args(model_args: Mapping[str, Scalar]) -> str:
 
 
 def run_settings(model: str, model_args: Mapping[str, Scalar], tasks: Sequence[str], include_path: Sequence[str],
-                 limit: int | float | None, seed: int, batch_size: int, gen_kwargs: str | None) -> dict[str, Any]:
-    return {
+                 limit: int | float | None, seed: int, batch_size: int, gen_kwargs: str | None,
+                 extra_args: Sequence[str] = ()) -> dict[str, Any]:
+    """What a run id hashes. `lmms_eval_args` only when given, so the ids of older sweep files do not change."""
+    settings = {
         "model": model,
         "model_args": {key: model_args[key] for key in sorted(model_args)},
         "tasks": list(tasks),
@@ -191,6 +206,9 @@ def run_settings(model: str, model_args: Mapping[str, Scalar], tasks: Sequence[s
         "batch_size": batch_size,
         "gen_kwargs": gen_kwargs,
     }
+    if extra_args:
+        settings["lmms_eval_args"] = list(extra_args)
+    return settings
 
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
@@ -336,6 +354,43 @@ class _PointSpec:
     models: tuple[str, ...]
     overrides: Mapping[str, Scalar]
     is_grid: bool = False
+    # Run settings a point or grid sets instead of the sweep-wide ones (None: the sweep's).
+    seeds: tuple[int, ...] | None = None
+    tasks: tuple[str, ...] | None = None
+    gen_kwargs: str | None = None
+
+
+def _parse_seeds(value: Any, key: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise SweepError(key, "must be a non-empty list of integers >= 0")
+    seeds = tuple(_require_int(seed, key, 0) for seed in values)
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(key, f"has duplicate seeds: {list(seeds)}")
+    return seeds
+
+
+def _parse_gen_kwargs(value: Any, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise SweepError(key, "must be a string such as 'max_new_tokens=16,temperature=0'")
+    return value
+
+
+def _axis_values(value: Any, key: str) -> list[Any]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise SweepError(key, "empty list of values: give at least one")
+    return values
+
+
+def _task_axis(value: Any, key: str) -> list[tuple[str, ...]]:
+    """A grid's `tasks`: a list of task lists (or comma-separated strings), each one run's --tasks."""
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        value = [value]  # one task list: a fixed axis
+    choices = [_string_list(item, f"{key}[{index}]") for index, item in enumerate(_axis_values(value, key))]
+    if len(set(choices)) != len(choices):
+        raise SweepError(key, f"has duplicate task lists: {value}")
+    return choices
 
 
 def _parse_points(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
@@ -357,6 +412,9 @@ def _parse_points(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
             reference=reference,
             models=_models_filter(point.get("models"), f"{key}.models", models),
             overrides=_check_model_args(overrides, key),
+            seeds=None if "seeds" not in point else _parse_seeds(point["seeds"], f"{key}.seeds"),
+            tasks=None if "tasks" not in point else _string_list(point["tasks"], f"{key}.tasks"),
+            gen_kwargs=_parse_gen_kwargs(point.get("gen_kwargs"), f"{key}.gen_kwargs"),
         ))
     return points
 
@@ -373,8 +431,9 @@ def _parse_grid(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
         prefix = "grid" if not isinstance(raw, list) else f"grid[{index}]"
         grid = _require_mapping(grid, prefix)
         axes = {k: v for k, v in grid.items() if k not in GRID_RESERVED_KEYS}
-        if not axes:
-            raise SweepError(prefix, "must name at least one model_args key with a list of values")
+        if not axes and not any(key in grid for key in RUN_AXIS_KEYS):
+            raise SweepError(prefix, "must name at least one model_args key (or seeds, tasks, gen_kwargs) "
+                                     "with a list of values")
         value_lists = []
         for arg, values in axes.items():
             values = values if isinstance(values, list) else [values]
@@ -388,11 +447,24 @@ def _parse_grid(raw: Any, models: Sequence[ModelEntry]) -> list[_PointSpec]:
         chosen_models = _models_filter(grid.get("models"), f"{prefix}.models", models)
         label = None if grid.get("label") is None else str(grid["label"])
         varying = [arg for arg, values in zip(axes, value_lists) if len(values) > 1]
-        for combo in itertools.product(*value_lists):
+        seeds = None if "seeds" not in grid else _parse_seeds(grid["seeds"], f"{prefix}.seeds")
+        task_lists: list[tuple[str, ...] | None] = (
+            [None] if "tasks" not in grid else _task_axis(grid["tasks"], f"{prefix}.tasks"))
+        gen_kwargs_values = [None] if "gen_kwargs" not in grid else [
+            _parse_gen_kwargs(value, f"{prefix}.gen_kwargs")
+            for value in _axis_values(grid["gen_kwargs"], f"{prefix}.gen_kwargs")]
+        for combo, tasks, gen_kwargs in itertools.product(itertools.product(*value_lists), task_lists,
+                                                          gen_kwargs_values):
             overrides = dict(zip(axes, combo))
-            # Named by the axes that vary, e.g. "FlashVID retention_ratio=0.1" (the method is added in _expand).
-            name = ",".join(f"{arg}={render_value(overrides[arg])}" for arg in varying)
-            points.append(_PointSpec(name, label, False, chosen_models, overrides, is_grid=True))
+            # Named by the axes that vary, e.g. "FlashVID retention_ratio=0.1" (the method is added in _expand);
+            # seeds are not named: runs that differ only by seed are one report cell.
+            parts = [f"{arg}={render_value(overrides[arg])}" for arg in varying]
+            if len(task_lists) > 1:
+                parts.append(f"tasks={'+'.join(tasks or ())}")
+            if len(gen_kwargs_values) > 1:
+                parts.append(f"gen_kwargs={gen_kwargs}")
+            points.append(_PointSpec(",".join(parts), label, False, chosen_models, overrides, is_grid=True,
+                                     seeds=seeds, tasks=tasks, gen_kwargs=gen_kwargs))
     return points
 
 
@@ -436,11 +508,10 @@ def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
         # lmms-eval 0.7.3's CLI keeps only the last --include_path; it searches that folder recursively.
         raise SweepError("include_path", "lmms-eval takes one --include_path folder (searched recursively): "
                                          "give one folder holding all the task YAMLs")
-    seed = _require_int(raw.get("seed", 0), "seed", 0)
+    seeds = _sweep_seeds(raw)
     batch_size = _require_int(raw.get("batch_size", 1), "batch_size", 1)
-    gen_kwargs = raw.get("gen_kwargs")
-    if gen_kwargs is not None and not isinstance(gen_kwargs, str):
-        raise SweepError("gen_kwargs", "must be a string such as 'max_new_tokens=16,temperature=0'")
+    gen_kwargs = _parse_gen_kwargs(raw.get("gen_kwargs"), "gen_kwargs")
+    extra_args = parse_lmms_eval_args(raw.get("lmms_eval_args"))
     output_root = raw.get("output_root", "runs")
     if not isinstance(output_root, str) or not output_root:
         raise SweepError("output_root", "must be a folder path")
@@ -448,20 +519,50 @@ def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
     if "grid" not in raw and "points" not in raw:
         raise SweepError("grid", "give a `grid` and/or `points`: a sweep needs at least one run")
     specs = _parse_points(raw.get("points"), models) + _parse_grid(raw.get("grid"), models)
-    sweep_settings = dict(tasks=tasks, include_path=include_path, limit=_parse_limit(raw.get("limit")), seed=seed,
-                          batch_size=batch_size, gen_kwargs=gen_kwargs)
-    runs = _expand(name, models, specs, **sweep_settings)
+    sweep_settings = dict(tasks=tasks, include_path=include_path, limit=_parse_limit(raw.get("limit")),
+                          batch_size=batch_size, gen_kwargs=gen_kwargs, lmms_eval_args=extra_args)
+    runs = _expand(name, models, specs, seeds=seeds, **sweep_settings)
     return Sweep(
         name=name, path=path, description=str(raw.get("description", "")), models=models,
         launcher=_parse_launcher(raw.get("launcher")), output_root=output_root, paper=_parse_paper(raw.get("paper")),
-        runs=runs, **sweep_settings,
+        runs=runs, seed=seeds[0], seeds=seeds, **sweep_settings,
     )
 
 
+def _sweep_seeds(raw: Mapping[str, Any]) -> tuple[int, ...]:
+    """`seed: N` (one run per point) or `seeds: [..]` (one run per point and seed), not both."""
+    if "seed" in raw and "seeds" in raw:
+        raise SweepError("seeds", "give either `seed` (one seed) or `seeds` (a list), not both")
+    if "seeds" in raw:
+        return _parse_seeds(raw["seeds"], "seeds")
+    return (_require_int(raw.get("seed", 0), "seed", 0),)
+
+
+def parse_lmms_eval_args(value: Any) -> tuple[str, ...]:
+    """`lmms_eval_args`: extra lmms-eval CLI arguments as a list of strings (never a shell string), none of them
+    a flag the suite sets itself. Whether lmms-eval knows the flags is checked by `checks.check_sweep`."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str | int | float) and not isinstance(item, bool)
+                                              for item in value):
+        raise SweepError("lmms_eval_args", 'must be a list of strings, e.g. ["--verbosity", "DEBUG"] '
+                                           "(an argument list, not a shell string)")
+    args = tuple(str(item) for item in value)
+    if args and not args[0].startswith("-"):
+        raise SweepError("lmms_eval_args[0]", f"must be a flag (starting with --), got {args[0]!r}")
+    for index, arg in enumerate(args):
+        flag = arg.split("=", 1)[0]
+        if flag in SUITE_OWNED_FLAGS:
+            raise SweepError(f"lmms_eval_args[{index}]",
+                             f"{flag} is set by the sweep itself (flags it sets: {', '.join(SUITE_OWNED_FLAGS)}); "
+                             "use the sweep file's own key instead")
+    return args
+
+
 def _expand(sweep: str, models: Sequence[ModelEntry], specs: Sequence[_PointSpec], *, tasks: tuple[str, ...],
-            include_path: tuple[str, ...], limit: int | float | None, seed: int, batch_size: int,
-            gen_kwargs: str | None) -> tuple[Run, ...]:
-    """Models x points, in file order; the same settings twice is an error (it would be one run)."""
+            include_path: tuple[str, ...], limit: int | float | None, seeds: tuple[int, ...], batch_size: int,
+            gen_kwargs: str | None, lmms_eval_args: tuple[str, ...]) -> tuple[Run, ...]:
+    """Models x points x seeds, in file order; the same settings twice is an error (it would be one run)."""
     runs: list[Run] = []
     seen: dict[str, str] = {}
     for entry in models:
@@ -469,18 +570,23 @@ def _expand(sweep: str, models: Sequence[ModelEntry], specs: Sequence[_PointSpec
             if entry.name not in spec.models:
                 continue
             model_args = {**entry.model_args, **spec.overrides}
-            settings = run_settings(entry.model, model_args, tasks, include_path, limit, seed, batch_size,
-                                    gen_kwargs)
-            run_id = make_run_id(entry.model, model_args, settings)
+            run_tasks = spec.tasks or tasks
+            run_gen_kwargs = spec.gen_kwargs if spec.gen_kwargs is not None else gen_kwargs
             display = _display_name(spec, model_args)
-            if run_id in seen:
-                raise SweepError("grid" if spec.is_grid else "points",
-                                 f"runs {seen[run_id]!r} and {display!r} of model {entry.name!r} have identical settings")
-            seen[run_id] = display
-            runs.append(Run(sweep=sweep, run_id=run_id, model_entry=entry.name, model=entry.model,
-                            model_args=model_args, tasks=tasks, include_path=include_path, limit=limit, seed=seed,
-                            batch_size=batch_size, gen_kwargs=gen_kwargs, name=display,
-                            label=spec.label, reference=spec.reference, order=len(runs)))
+            for seed in spec.seeds or seeds:
+                settings = run_settings(entry.model, model_args, run_tasks, include_path, limit, seed, batch_size,
+                                        run_gen_kwargs, lmms_eval_args)
+                run_id = make_run_id(entry.model, model_args, settings)
+                if run_id in seen:
+                    raise SweepError("grid" if spec.is_grid else "points",
+                                     f"runs {seen[run_id]!r} and {display!r} of model {entry.name!r} have "
+                                     "identical settings")
+                seen[run_id] = display
+                runs.append(Run(sweep=sweep, run_id=run_id, model_entry=entry.name, model=entry.model,
+                                model_args=model_args, tasks=run_tasks, include_path=include_path, limit=limit,
+                                seed=seed, batch_size=batch_size, gen_kwargs=run_gen_kwargs, name=display,
+                                label=spec.label, reference=spec.reference, order=len(runs),
+                                lmms_eval_args=lmms_eval_args))
     if not runs:
         raise SweepError("points", "no run selected: check the `models` filters")
     return tuple(runs)
