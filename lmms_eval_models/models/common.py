@@ -393,9 +393,7 @@ class FlashVIDModel:
     layout_placeholders: ClassVar[int] = 0
 
     def __init__(self, **model_args: Any) -> None:
-        arguments = split_model_args(self.base_class, model_args, self.model_name, self.suite_defaults)
-        check_batch_size(arguments.base.get("batch_size", 1))
-        resolve_dtype(arguments.base.get("dtype"))
+        arguments = self.check_model_args(model_args)
         check_llm_depth(arguments)
         lmms.__init__(self)  # not the base class's __init__: loading is ours (see the module docstring)
         self.flashvid_arguments = arguments
@@ -403,6 +401,15 @@ class FlashVIDModel:
         self._load(arguments.base)
         self._apply_patches(arguments)
         self._instrument = GenerateInstrument(self.model, self._video_token_ids())
+
+    @classmethod
+    def check_model_args(cls, model_args: Mapping[str, Any]) -> ModelArguments:
+        """Every check of `model_args` that needs no checkpoint: keys, FlashVID and baseline values and ranges,
+        batch size, dtype. Raises ValueError naming the bad key; `flashvid-sweep plan` calls it for every run."""
+        arguments = split_model_args(cls.base_class, model_args, cls.model_name, cls.suite_defaults)
+        check_batch_size(arguments.base.get("batch_size", 1))
+        resolve_dtype(arguments.base.get("dtype"))
+        return arguments
 
     # ------------------------------------------------------------------------------------------ loading
 

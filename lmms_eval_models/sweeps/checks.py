@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import importlib
 import io
 import re
 import sys
@@ -17,7 +18,8 @@ from functools import cache
 from pathlib import Path
 
 from lmms_eval_models.bundled import resolve_include_path, resource_root
-from lmms_eval_models.sweeps.spec import TINY_PREFIX, Sweep, SweepError
+from lmms_eval_models.models import MODEL_CLASSES
+from lmms_eval_models.sweeps.spec import TINY_PREFIX, Run, Sweep, SweepError, render_model_args
 
 _NAME_LINE = re.compile(r"^(task|group|tag)\s*:\s*(.*?)\s*$")
 _LIST_ITEM = re.compile(r"^\s+-\s+(['\"]?)([^'\"#\s]+)\1\s*(#.*)?$")
@@ -114,6 +116,32 @@ def check_sweep(sweep: Sweep) -> None:
             key = f"tasks[{index}]" if index is not None else "grid.tasks"
             raise SweepError(key, f"unknown task {task!r}{_did_you_mean(task, tasks)}")
     check_lmms_eval_args(sweep.lmms_eval_args)
+    check_model_args(sweep.runs)
+
+
+def check_model_args(runs: Sequence[Run]) -> None:
+    """Each run's model_args against its suite model class, as lmms-eval will hand them over (rendered to the
+    `--model_args` string and parsed back by lmms-eval's own parser): unknown keys with the closest valid name,
+    FlashVID and baseline values and ranges. Nothing is loaded; runs of lmms-eval's own models are not checked."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    checked: set[tuple[str, str]] = set()
+    for run in runs:
+        rendered = render_model_args(run.model_args)
+        if run.model not in MODEL_CLASSES or (run.model, rendered) in checked:
+            continue
+        checked.add((run.model, rendered))
+        try:
+            model_class(run.model).check_model_args(simple_parse_args_string(rendered))
+        except ValueError as error:
+            raise SweepError(f"run {run.name!r} ({run.model}) model_args", str(error)) from None
+
+
+@cache
+def model_class(model: str) -> type:
+    """The suite's lmms-eval class of `model` (imports its module: transformers and lmms-eval's base class)."""
+    module, name = MODEL_CLASSES[model].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 @cache
