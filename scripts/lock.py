@@ -3,6 +3,7 @@
 
     python scripts/lock.py                 # both stacks (paper: transformers 4.57.3, current: 5.23.0)
     python scripts/lock.py --stack paper   # one
+    python scripts/lock.py --upgrade       # re-resolve every package to today's newest allowed release
 
 Each stack's `.in` holds its few top-level pins; the lock is pip's own resolution of the project with every extra
 under those pins (`pip install --dry-run --ignore-installed --report`), written as one exact `name==version` line
@@ -53,22 +54,34 @@ def inputs_hash(stack: str, root: Path = ROOT) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def resolve(stack: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """pip's resolution of the project with every extra under the stack's pins: [(name, version)], environment."""
+def resolve(stack: str, upgrade: bool = False) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """pip's resolution of the project with every extra under the stack's pins: [(name, version)], environment.
+
+    Unless `upgrade`, the current lock is a constraint too, so that a relock after a pyproject change moves only
+    what the change needs; where the current lock cannot satisfy the new requirements, pip resolves freely.
+    """
     extras = ",".join(sorted(extra for extra in project_requirements() if extra))
+    lock = ROOT / "constraints" / f"{stack}.txt"
+    attempts = [[]] if upgrade or not lock.exists() else [["-c", str(lock)], []]
     with tempfile.TemporaryDirectory() as scratch:
         report_path = Path(scratch) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-                        "--report", str(report_path), "-c", str(ROOT / "constraints" / f"{stack}.in"),
-                        f"{ROOT}[{extras}]"], check=True)
+        for index, keep in enumerate(attempts):
+            result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run",
+                                     "--ignore-installed", "--report", str(report_path), "-c",
+                                     str(ROOT / "constraints" / f"{stack}.in"), *keep, f"{ROOT}[{extras}]"],
+                                    check=index == len(attempts) - 1)
+            if result.returncode == 0:
+                break
+            print(f"note: the current constraints/{stack}.txt cannot satisfy the new requirements; resolving "
+                  "every package afresh", file=sys.stderr)
         report = json.loads(report_path.read_text())
     pins = sorted((canonical_name(item["metadata"]["name"]), item["metadata"]["version"])
                   for item in report["install"] if canonical_name(item["metadata"]["name"]) != PROJECT)
     return pins, report["environment"]
 
 
-def write_lock(stack: str) -> Path:
-    pins, environment = resolve(stack)
+def write_lock(stack: str, upgrade: bool = False) -> Path:
+    pins, environment = resolve(stack, upgrade)
     pip_version = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True,
                                  check=True).stdout.split()[1]
     lock = ROOT / "constraints" / f"{stack}.txt"
@@ -88,12 +101,14 @@ def write_lock(stack: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", choices=STACKS, action="append", help="default: every stack")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="resolve every package afresh (default: keep the current lock's versions where they fit)")
     args = parser.parse_args(argv)
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         print(f"note: resolving on {platform.system()} {platform.machine()}, not the Linux x86_64 the committed "
               "locks are for", file=sys.stderr)
     for stack in args.stack or STACKS:
-        lock = write_lock(stack)
+        lock = write_lock(stack, args.upgrade)
         print(f"{lock.relative_to(ROOT)}: {sum(1 for line in lock.read_text().splitlines() if '==' in line)} pins")
     return 0
 
