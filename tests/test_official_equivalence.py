@@ -377,7 +377,7 @@ def test_reasoning_answers_are_cleaned_as_lmms_eval_050():
 
 
 def test_paper_protocol_refuses_keys_it_would_ignore(tmp_path):
-    with pytest.raises(ValueError, match="fps=.*protocol=lmms_eval"):
+    with pytest.raises(ValueError, match=r"fps=.*protocol=lmms_eval"):
         build("flashvid_qwen3_vl", f"pretrained={tmp_path / 'none'},fps=2")
     with pytest.raises(ValueError, match="protocol='v2' is invalid: allowed paper"):
         build("flashvid_qwen2_5_vl", f"pretrained={tmp_path / 'none'},protocol=v2")

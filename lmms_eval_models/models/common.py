@@ -22,7 +22,6 @@ import importlib.util
 import inspect
 import os
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from loguru import logger
 from tqdm import tqdm
 
 from flashvid_core import FlashVIDConfig
@@ -246,10 +246,10 @@ def resolve_attn_implementation(requested: Any, device: torch.device) -> str | N
     if requested != "flash_attention_2":
         return requested
     if device.type != "cuda":
-        warnings.warn(
+        # loguru, as lmms-eval logs: its CLI silences Python warnings
+        logger.warning(
             f"attn_implementation=flash_attention_2 needs a CUDA device; running sdpa on {device} instead (the same "
-            "attention, computed with other rounding)",
-            stacklevel=2,
+            "attention, computed with other rounding)"
         )
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is None:

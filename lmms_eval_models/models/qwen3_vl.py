@@ -25,7 +25,12 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
 
 from lmms_eval_models.models.common import FlashVIDModel
-from lmms_eval_models.models.qwen2_5_vl import check_protocol, load_qwen_common, load_qwen_weights, reasoning_answer
+from lmms_eval_models.models.qwen2_5_vl import (
+    check_protocol,
+    load_qwen_common,
+    load_qwen_weights,
+    reasoning_answer,
+)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov")  # what lmms-eval 0.5.0's class treats as a video file
 # keys of lmms-eval 0.7.3's class that 0.5.0's does not read, with their "not given" values
