@@ -7,6 +7,10 @@ byte-level BPE tokenizer with the family's special tokens, the family's processo
 installed transformers version.
 
     flashvid-tiny-checkpoints --family qwen2_5_vl --cache-dir /tmp/ckpts
+
+`llava_next` is the llava_onevision checkpoint's model in LLaVA-NeXT's format (lmms-lab's): its config.json, its tensor
+names and a SigLIP tower config beside it, built from the same weights, so the conversion to the HF format can be
+checked against the HF tiny checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import transformers
 from packaging.version import Version
 
 FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")
+# Not a family: the llava_onevision tiny's weights as a LLaVA-NeXT (lmms-lab) checkpoint, for the conversion.
+LLAVA_NEXT = "llava_next"
+CHECKPOINTS = (*FAMILIES, LLAVA_NEXT)
+LLAVA_NEXT_TOWER = "vision_tower"  # the SigLIP tower's folder inside the llava_next checkpoint
 
 # Special tokens first, so their ids are small and known (0..8) in every family.
 SPECIAL_TOKENS = (
@@ -111,9 +119,9 @@ def chat_template(family: str) -> str:
     return _CHAT_TEMPLATE.replace("VIDEO_PLACEHOLDER", video).replace("IMAGE_PLACEHOLDER", image)
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+def _check_family(family: str, allowed: tuple[str, ...] = FAMILIES) -> None:
+    if family not in allowed:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -417,6 +425,93 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0) -> Pa
     return out
 
 
+# ------------------------------------------------------------------------------------- LLaVA-NeXT format
+
+
+def llava_next_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """An HF LLaVA-OneVision model's tensors under LLaVA-NeXT's names: its `LlavaQwenForCausalLM` holds the Qwen2 LLM
+    as `model` (with `mm_projector` = Sequential(Linear, GELU, Linear), `image_newline` and `vision_tower`, whose SigLIP
+    model is `vision_tower.vision_model`) and `lm_head`."""
+    inner = model.model
+    siglip = getattr(inner.vision_tower, "vision_model", inner.vision_tower)  # 4.x wraps the transformer, 5.x not
+    modules = {
+        "model.": inner.language_model,
+        "lm_head.": model.lm_head,
+        "model.mm_projector.0.": inner.multi_modal_projector.linear_1,
+        "model.mm_projector.2.": inner.multi_modal_projector.linear_2,
+        "model.vision_tower.vision_tower.vision_model.": siglip,
+    }
+    state = {prefix + name: tensor for prefix, module in modules.items() for name, tensor in module.state_dict().items()}
+    state["model.image_newline"] = inner.image_newline
+    return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+
+
+def llava_next_config() -> dict[str, Any]:
+    """config.json in LLaVA-NeXT's format for the llava_onevision tiny: the Qwen2 keys at the top level, `mm_*` keys,
+    model_type "llava", and the SigLIP tower named by a folder beside it (resolved against the checkpoint)."""
+    grid = llava_config().image_grid_pinpoints
+    return {
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava",
+        **TEXT_SIZES,
+        **_special_ids(),
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "rope_scaling": None,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "image_token_index": TOKEN_ID["<image>"],
+        "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": [list(pair) for pair in grid],
+        "mm_vision_tower": LLAVA_NEXT_TOWER,
+        "mm_hidden_size": 32,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_newline_position": "one_token",
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "use_mm_proj": True,
+        "torch_dtype": "float32",
+    }
+
+
+def build_tiny_llava_next_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the llava_onevision tiny (same seed, same weights) in LLaVA-NeXT's format to `out_dir`.
+
+    The tower folder holds the full SigLIP (one layer more than stored in the checkpoint, as LLaVA-NeXT drops the
+    last layer when it loads the tower) so LLaVA-NeXT's own loader could read it too.
+    """
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer("llava_onevision")
+    model = build_model("llava_onevision", seed, tokenizer)
+    save_file(llava_next_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(llava_next_config(), indent=2))
+    tokenizer.save_pretrained(out)
+    build_generation_config().save_pretrained(out)
+
+    vision = model.config.vision_config
+    tower_config = SiglipVisionConfig(
+        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers + 1, num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size, patch_size=vision.patch_size,
+    )  # fmt: skip
+    torch.manual_seed(seed + 1)
+    tower = SiglipVisionModel(tower_config).eval()
+    stored = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower).state_dict()
+    getattr(tower, "vision_model", tower).load_state_dict(stored, strict=False)  # the extra last layer stays random
+    tower.save_pretrained(out / LLAVA_NEXT_TOWER)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- cache
 
 
@@ -425,12 +520,12 @@ def default_cache_dir() -> Path:
 
 
 def tiny_checkpoint_path(family: str, cache_dir: str | Path | None = None) -> Path:
-    """The cached checkpoint of `family` for the installed transformers, built on first use.
+    """The cached checkpoint of `family` (or `llava_next`) for the installed transformers, built on first use.
 
     Built in a temporary sibling folder and renamed into place, so a concurrent or interrupted build never
     leaves a half-written checkpoint where readers look.
     """
-    _check_family(family)
+    _check_family(family, CHECKPOINTS)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "tiny" / f"transformers-{transformers.__version__}" / family
     if _is_current(target):
@@ -438,7 +533,10 @@ def tiny_checkpoint_path(family: str, cache_dir: str | Path | None = None) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
-        build_tiny_checkpoint(family, staging)
+        if family == LLAVA_NEXT:
+            build_tiny_llava_next_checkpoint(staging)
+        else:
+            build_tiny_checkpoint(family, staging)
         (staging / BUILD_MARKER).write_text(json.dumps({"builder_version": BUILDER_VERSION, "seed": 0}))
         _move_into_place(staging, target)
     finally:
@@ -472,7 +570,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build (once) and print the tiny offline checkpoints.")
     parser.add_argument(
-        "--family", action="append", choices=FAMILIES, help="repeatable; default: all families"
+        "--family", action="append", choices=CHECKPOINTS, help="repeatable; default: all families"
     )
     parser.add_argument(
         "--cache-dir", default=None, help="default: $FLASHVID_CACHE or ~/.cache/flashvid-suite"

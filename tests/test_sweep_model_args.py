@@ -23,6 +23,7 @@ BASE = {"name": "s", "model": "flashvid_llava_onevision", "model_args": {"pretra
     ({"retention_ratoi": [0.1]}, r"unknown model_args key 'retention_ratoi'.*did you mean 'retention_ratio'"),
     ({"method": ["fastvv"]}, r"fastvv"),
     ({"fastv_layer": [-2]}, r"fastv_layer"),
+    ({"mm_spatial_pool_mode": ["max"]}, r"mm_spatial_pool_mode"),  # the family's own settings too
 ])
 def test_bad_model_args_fail_naming_the_point_and_the_key(grid: dict, message: str) -> None:
     sweep = parse_sweep({**BASE, "grid": grid}, "s")

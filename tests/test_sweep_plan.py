@@ -102,7 +102,8 @@ EXPECTED = {
         "32/Inf": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1"},
     }),
     "table12_tree_breadth": ("flashvid_llava_onevision", TASKS, 5, {
-        "9": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1", "tstm_max_breadth": "9"},
+        "1/Min": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1", "tstm_spatial_window": "1"},
+        "9": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1", "tstm_spatial_window": "9"},
         "14/Inf": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1"},
     }),
     "table13_threshold_llava_onevision": ("flashvid_llava_onevision", TASKS, 4, {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import os
 import time
@@ -30,6 +31,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from loguru import logger
 from tqdm import tqdm
 
 from flashvid_core import FlashVIDConfig
@@ -141,14 +143,18 @@ def resolve_method(model_args: Mapping[str, Any]) -> str:
 
 
 def split_model_args(
-    base_class: type, model_args: Mapping[str, Any], model_name: str, suite_defaults: Mapping[str, Any]
+    base_class: type,
+    model_args: Mapping[str, Any],
+    model_name: str,
+    suite_defaults: Mapping[str, Any],
+    extra_keys: Mapping[str, Any] | None = None,
 ) -> ModelArguments:
-    """Validate `model_args` against the base class's signature, FlashVIDConfig and MethodSettings, without
-    loading anything.
+    """Validate `model_args` against the base class's signature (plus `extra_keys`: the keys the suite's class takes
+    beyond its base class's, with their defaults), FlashVIDConfig and MethodSettings, without loading anything.
 
-    Returns the base settings with the base class's defaults (overridden by `suite_defaults`, then the user's).
-    FlashVID and baseline keys are validated for every method, also those the method does not read, so a sweep
-    with a typo fails on its vanilla run too; a method ignores the other methods' keys.
+    Returns the base settings with the base class's defaults (and the extra keys'), overridden by `suite_defaults`,
+    then the user's. FlashVID and baseline keys are validated for every method, also those the method does not read,
+    so a sweep with a typo fails on its vanilla run too; a method ignores the other methods' keys.
     """
     signature = inspect.signature(base_class.__init__)
     base_defaults = {
@@ -156,6 +162,7 @@ def split_model_args(
         for name, parameter in signature.parameters.items()
         if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     }
+    base_defaults.update(extra_keys or {})
     flashvid_keys, baseline_keys = flashvid_key_names(), baseline_key_names()
     allowed = (*base_defaults, *SUITE_KEYS, ENABLE_KEY, METHOD_KEY, *flashvid_keys, *baseline_keys)
     for key in model_args:
@@ -175,6 +182,22 @@ def split_model_args(
                           flashvid_args=flashvid_args, method=method, baseline_options=baseline_options)  # fmt: skip
 
 
+def llm_depth(base: Mapping[str, Any]) -> int:
+    """The LLM's number of layers, read from the checkpoint's config alone (HF format, or LLaVA-NeXT's, whose
+    config names another model type than the one it holds)."""
+    from transformers import AutoConfig
+
+    from lmms_eval_models.conversion.llava_next import llava_next_config
+
+    next_config = llava_next_config(base["pretrained"], base.get("revision"))
+    if next_config is not None:
+        return int(next_config["num_hidden_layers"])
+    options = {"revision": base["revision"]} if base.get("revision") else {}
+    config = AutoConfig.from_pretrained(base["pretrained"], trust_remote_code=bool(base.get("trust_remote_code")),
+                                        **options)  # fmt: skip
+    return int(config.get_text_config().num_hidden_layers)
+
+
 def check_llm_depth(arguments: ModelArguments) -> None:
     """FastV's layer K and kept share r depend on the LLM's depth: read it from the checkpoint's config (no
     weights) so that `fastv_layer` beyond the LLM or a retention_ratio FastV cannot meet fails before loading.
@@ -184,13 +207,7 @@ def check_llm_depth(arguments: ModelArguments) -> None:
     """
     if not get_method(arguments.method).depth_sensitive:
         return
-    from transformers import AutoConfig
-
-    base = arguments.base
-    options = {"revision": base["revision"]} if base.get("revision") else {}
-    config = AutoConfig.from_pretrained(base["pretrained"], trust_remote_code=bool(base.get("trust_remote_code")),
-                                        **options)  # fmt: skip
-    num_llm_layers = int(config.get_text_config().num_hidden_layers)
+    num_llm_layers = llm_depth(arguments.base)
     settings = MethodSettings.from_options(arguments.baseline_options)
     llm_pruning_plan(arguments.method, arguments.flashvid_config.retention_ratio, num_llm_layers, settings,
                      arguments.flashvid_config)
@@ -202,6 +219,45 @@ def check_batch_size(batch_size: Any) -> None:
         raise ValueError(
             f"batch_size={batch_size!r} is not supported: the FlashVID models run batch_size=1 only"
         )
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_attn_implementation(value: Any) -> str | None:
+    """`value` if it names an attention implementation (None or "None": the default); ValueError otherwise."""
+    if value is None or str(value).lower() == "none":
+        return None
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={value!r} is invalid: allowed None, {', '.join(ATTN_IMPLEMENTATIONS)}")
+    return value
+
+
+def resolve_attn_implementation(requested: Any, device: torch.device) -> str | None:
+    """The attention implementation to load with: `requested` (None: the transformers default), except that
+    flash_attention_2, which only runs on CUDA, becomes sdpa elsewhere, with a warning.
+
+    flash-attention 2 and sdpa compute the same attention (they differ in rounding only, and the official code
+    routes both through the same attention interface), so a CPU smoke run of an official script's model_args is
+    honest with sdpa. On CUDA, a missing flash-attn package is an error naming the key, never a silent fallback: a
+    GPU run is what reproduces the paper's numbers.
+    """
+    requested = check_attn_implementation(requested)
+    if requested != "flash_attention_2":
+        return requested
+    if device.type != "cuda":
+        # loguru, as lmms-eval logs: its CLI silences Python warnings
+        logger.warning(
+            f"attn_implementation=flash_attention_2 needs a CUDA device; running sdpa on {device} instead (the same "
+            "attention, computed with other rounding)"
+        )
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "attn_implementation=flash_attention_2 needs the flash-attn package, which is not installed: install it "
+            "(pip install flash-attn) or pass attn_implementation=sdpa"
+        )
+    return requested
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -388,12 +444,14 @@ class FlashVIDModel:
     model_name: ClassVar[str]
     base_class: ClassVar[type]
     suite_defaults: ClassVar[dict[str, Any]] = {}
+    # Keys the class takes beyond its base class's signature (the official scripts' keys), with their defaults.
+    extra_keys: ClassVar[dict[str, Any]] = {}
     family_options: ClassVar[dict[str, Any]] = {}  # passed to apply_flashvid (e.g. the LLaVA video layout)
     # Video placeholders per prompt that are layout (newlines) rather than visual tokens, when unpatched.
     layout_placeholders: ClassVar[int] = 0
 
     def __init__(self, **model_args: Any) -> None:
-        arguments = self.check_model_args(model_args)
+        arguments = self.check_model_args(model_args, instance=self)
         check_llm_depth(arguments)
         lmms.__init__(self)  # not the base class's __init__: loading is ours (see the module docstring)
         self.flashvid_arguments = arguments
@@ -403,15 +461,22 @@ class FlashVIDModel:
         self._instrument = GenerateInstrument(self.model, self._video_token_ids())
 
     @classmethod
-    def check_model_args(cls, model_args: Mapping[str, Any]) -> ModelArguments:
+    def check_model_args(cls, model_args: Mapping[str, Any], instance: FlashVIDModel | None = None) -> ModelArguments:
         """Every check of `model_args` that needs no checkpoint: keys, FlashVID and baseline values and ranges,
-        batch size, dtype. Raises ValueError naming the bad key; `flashvid-sweep plan` calls it for every run."""
-        arguments = split_model_args(cls.base_class, model_args, cls.model_name, cls.suite_defaults)
+        batch size, dtype, the family's own settings. Raises ValueError naming the bad key; `flashvid-sweep plan`
+        calls it for every run. The family's settings are parsed onto `instance` (the model being built), or onto
+        a throwaway one when only checking."""
+        arguments = split_model_args(cls.base_class, model_args, cls.model_name, cls.suite_defaults, cls.extra_keys)
         check_batch_size(arguments.base.get("batch_size", 1))
         resolve_dtype(arguments.base.get("dtype"))
+        (instance if instance is not None else cls.__new__(cls))._check_settings(arguments.base)
         return arguments
 
     # ------------------------------------------------------------------------------------------ loading
+
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        """Validate the family's own settings before anything is read from disk (ValueError naming the key)."""
+        check_attn_implementation(settings.get("attn_implementation"))
 
     def _setup_processes(self, device: str | None) -> None:
         from accelerate import Accelerator

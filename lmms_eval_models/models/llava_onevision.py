@@ -1,61 +1,129 @@
-"""`flashvid_llava_onevision`: lmms-eval's `llava_hf` class for HF-format LLaVA-OneVision, FlashVID applied.
+"""`flashvid_llava_onevision`: LLaVA-OneVision through transformers' `LlavaOnevisionForConditionalGeneration`, fed
+exactly what the paper's path (LLaVA-NeXT run by lmms-eval 0.5.0's `llava_onevision`) feeds its LLM.
 
-lmms-eval's own `llava_onevision` class needs the LLaVA-NeXT package (not on PyPI); the HF-format checkpoints
-(`llava-hf/llava-onevision-qwen2-7b-ov-hf`) run through transformers' `LlavaOnevisionForConditionalGeneration`
-and lmms-eval's `llava_hf` class. Its simple class is the base here: it loads videos with decord and honours
-`max_frames_num` (the chat class does neither, and passes an empty image list). Answering one request is ours:
-the base class renders the prompt with the tokenizer's template as a plain string, which HF LLaVA-OneVision
-templates do not accept, and turns any generation error into an empty answer.
+The official scripts' model_args work as they are, e.g. `pretrained=lmms-lab/llava-onevision-qwen2-7b-ov,
+conv_template=qwen_1_5,mm_spatial_pool_mode=bilinear,max_frames_num=32,attn_implementation=flash_attention_2`:
+
+- `pretrained`: an HF-format checkpoint (`llava-hf/...-hf`) or a LLaVA-NeXT one (`lmms-lab/...`), converted once into
+  a cache (`lmms_eval_models.conversion.llava_next`);
+- the official keys (`conv_template`, `model_name`, `mm_spatial_pool_mode`, `mm_spatial_pool_stride`,
+  `mm_newline_position`, `force_sample`, `video_fps`, `add_time_instruction`, `max_frames_num`) keep their meaning
+  (`official_llava.LlavaNextSettings`); a value the suite cannot honour is refused naming the key and the allowed
+  values;
+- `attn_implementation=flash_attention_2` runs sdpa off CUDA, with a warning (see `resolve_attn_implementation`);
+- `device_map`: "auto" (or "balanced_low_0") spreads one process's model over the GPUs, a device name places it;
+- `dtype` defaults to float16, the official loader's.
+
+Prompt, frames and pixels follow `official_llava` (the equivalence tests check each against the official rules);
+generation follows the official class: greedy unless the task samples, stop at `<|im_end|>`, the task's `until`
+strings are not applied (the official class drops them), the answer is stripped. lmms-eval's `llava_hf` class is the
+base for its loading attributes and helpers; its own prompt and video code are not used.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
+import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.models.simple.llava_hf import LlavaHf
 
-from lmms_eval_models.models.common import FlashVIDModel, resolve_dtype
+from lmms_eval_models.conversion.llava_next import SIGLIP_MEAN, SIGLIP_STD
+from lmms_eval_models.models.common import FlashVIDModel, resolve_attn_implementation, resolve_dtype
+from lmms_eval_models.models.official_llava import (
+    IMAGE_PLACEHOLDER,
+    LlavaNextSettings,
+    preprocess_frames,
+    question_with_video,
+    qwen_1_5_prompt,
+    read_video_frames,
+    sample_frames,
+    time_instruction,
+    tokenize_with_video,
+    video_token_count,
+)
 
-DEFAULT_MAX_NEW_TOKENS = 1024  # the base class's default when a task sets none
+DEFAULT_MAX_NEW_TOKENS = 1024  # the official class's default when a task sets none
+# device_map values that spread one process's model over the GPUs (passed to from_pretrained as they are)
+SPREADING_DEVICE_MAPS = ("auto", "balanced_low_0")
 
 
 class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
-    """LLaVA-OneVision: 32 uniformly sampled frames (`max_frames_num`), bilinear pooling, one newline at the end.
+    """LLaVA-OneVision: 32 frames uniformly over the video, bilinear pooling, one newline after the video.
 
-    Keys: the base class's (pretrained, max_frames_num, dtype, attn_implementation, chat_template, use_cache, ...),
+    Keys: the official ones above, the base class's (pretrained, revision, dtype, device, device_map,
+    attn_implementation, chat_template with conv_template=hf, use_cache, batch_size=1, trust_remote_code),
     `enable_flashvid`, `method`, the FlashVID keys and the baseline keys (docs/baselines.md).
     """
 
     model_name = "flashvid_llava_onevision"
     base_class = LlavaHf
-    suite_defaults: ClassVar[dict[str, Any]] = {"device": None, "device_map": None, "max_frames_num": 32}
-    family_options: ClassVar[dict[str, Any]] = {}  # transformers' own layout; patched only with FlashVID on
+    suite_defaults: ClassVar[dict[str, Any]] = {"device": None, "device_map": None, "max_frames_num": 32,
+                                                "dtype": "float16"}  # fmt: skip
+    # The official keys the base class lacks; defaults are the official scripts' LLaVA-OneVision settings.
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "conv_template": None,  # qwen_1_5, or hf when chat_template is given
+        "model_name": None,
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_spatial_pool_stride": 2,
+        "mm_newline_position": "one_token",
+        "force_sample": True,  # llava_onevision always samples uniformly
+        "add_time_instruction": False,
+        "video_fps": 1,
+    }
     layout_placeholders: ClassVar[int] = 1  # transformers' layout ends the video with one newline placeholder
+
+    # ------------------------------------------------------------------------------------------ settings
+
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        super()._check_settings(settings)
+        conv_template = settings.get("conv_template")
+        if conv_template is None:
+            conv_template = "hf" if settings.get("chat_template") else "qwen_1_5"
+        elif conv_template == "qwen_1_5" and settings.get("chat_template"):
+            raise ValueError(
+                "chat_template=... applies with conv_template=hf only; conv_template=qwen_1_5 renders LLaVA-NeXT's "
+                "conversation (leave one of them out)"
+            )
+        self.llava_settings = LlavaNextSettings.from_model_args({**settings, "conv_template": conv_template})
+        _check_device_map(settings.get("device_map"))
+        layout = self.llava_settings.video_layout
+        # The LLaVA-Video layout is the patch's own (applied also without compression); OneVision's is transformers'.
+        self.family_options = {"video_layout": layout} if layout != "onevision" else {}
+        self.layout_placeholders = 1 if layout == "onevision" else 0
+
+    # ------------------------------------------------------------------------------------------- loading
 
     def _load(self, settings: dict[str, Any]) -> None:
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-        self._setup_processes(settings.get("device"))
+        from lmms_eval_models.conversion.llava_next import resolve_pretrained
+
+        device_map = settings.get("device_map")
+        device = settings.get("device") or (device_map if device_map and device_map not in SPREADING_DEVICE_MAPS
+                                            else None)  # fmt: skip
+        self._setup_processes(device)
         self.device_map = (
-            "auto" if settings.get("device_map") == "auto" and self._world_size == 1 else str(self._device)
+            device_map if device_map in SPREADING_DEVICE_MAPS and self._world_size == 1 else str(self._device)
         )
+        self.attn_implementation = resolve_attn_implementation(settings.get("attn_implementation"), self._device)
+        path = resolve_pretrained(settings["pretrained"], settings["revision"])
+        # a converted copy is a local folder: the revision was the source's
+        revision = settings["revision"] if path == settings["pretrained"] else None
         load_kwargs: dict[str, Any] = {
-            "revision": settings["revision"],
+            "revision": revision,
             "dtype": resolve_dtype(settings["dtype"]),
             "device_map": self.device_map,
             "trust_remote_code": settings["trust_remote_code"],
         }
-        if settings.get("attn_implementation") is not None:
-            load_kwargs["attn_implementation"] = settings["attn_implementation"]
-        self._model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            settings["pretrained"], **load_kwargs
-        ).eval()
+        if self.attn_implementation is not None:
+            load_kwargs["attn_implementation"] = self.attn_implementation
+        self._model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, **load_kwargs).eval()
         self.pretrained = settings["pretrained"]
+        self.checkpoint_path = path
         self._image_processor = AutoProcessor.from_pretrained(
-            settings["pretrained"],
-            revision=settings["revision"],
-            trust_remote_code=settings["trust_remote_code"],
+            path, revision=revision, trust_remote_code=settings["trust_remote_code"]
         )
         self._image_processor.tokenizer.padding_side = "left"
         self._tokenizer = self._image_processor.tokenizer
@@ -63,64 +131,92 @@ class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
         self.batch_size_per_gpu = int(settings["batch_size"])
         self.chat_template = settings["chat_template"]
         self.use_cache = settings["use_cache"]
-        self.max_frames_num = int(settings["max_frames_num"])
+        self.max_frames_num = self.llava_settings.max_frames_num
 
-    # ------------------------------------------------------------------------------------------- prompt
+    # --------------------------------------------------------------------------------------------- inputs
 
-    def _prompt(self, context: str, num_videos: int) -> str:
-        """The processor's chat template over a structured user turn: the videos, then the task's text."""
-        content = [{"type": "video"} for _ in range(num_videos)] + [{"type": "text", "text": context}]
-        messages = [{"role": "user", "content": content}]
+    def video_inputs(self, context: str, video_path: str) -> dict[str, torch.Tensor]:
+        """What the model is fed for one question about one video: input_ids (1, L) with the video's placeholder
+        run where the prompt's video goes, attention_mask (1, L), pixel_values_videos (1, F, 3, S, S) in the model's
+        dtype."""
+        settings = self.llava_settings
+        rule = partial(sample_frames, max_frames_num=settings.max_frames_num, force_sample=settings.force_sample,
+                       video_fps=settings.video_fps)  # fmt: skip
+        frames, sample = read_video_frames(video_path, rule)
+        vision = self.model.config.vision_config
+        pixels = preprocess_frames(frames, vision.image_size, SIGLIP_MEAN, SIGLIP_STD)
+        instruction = time_instruction(sample) if settings.add_time_instruction else None
+        count = video_token_count(len(sample.indices), vision.image_size // vision.patch_size, settings.video_layout)
+        if settings.conv_template == "qwen_1_5":
+            prompt, marker = qwen_1_5_prompt(question_with_video(context, instruction)), IMAGE_PLACEHOLDER
+        else:
+            prompt, marker = self._chat_template_prompt(context, instruction), self._image_processor.video_token
+        input_ids = tokenize_with_video(prompt, self.tokenizer, marker, self.model.config.video_token_id, count)
+        ids = torch.tensor([input_ids], device=self._device)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values_videos": torch.from_numpy(pixels)[None].to(self._device, self.model.dtype),
+        }
+
+    def _chat_template_prompt(self, context: str, instruction: str | None) -> str:
+        """conv_template=hf: the Jinja template over a user turn holding the video, then the text."""
+        text = context.replace(IMAGE_PLACEHOLDER, "").replace(self._image_processor.video_token, "")
+        if instruction is not None:
+            text = f"{instruction}\n{text}"
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
         template = self.chat_template or self._image_processor.chat_template or self.tokenizer.chat_template
         if template is None:
-            raise ValueError(
-                f"{self.pretrained} has no chat template; pass chat_template=... in --model_args"
-            )
-        return self._image_processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True
-        )
+            raise ValueError(f"{self.pretrained} has no chat template; pass chat_template=... or conv_template=qwen_1_5")
+        return self._image_processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
+
+    def _stop_token_ids(self) -> list[int]:
+        """The generation config's end tokens and `<|im_end|>` (the official class stops at the conversation's
+        separator)."""
+        configured = self.model.generation_config.eos_token_id
+        ids = [configured] if isinstance(configured, int) else list(configured or [])
+        separator = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(separator, int) and separator != self.tokenizer.unk_token_id and separator not in ids:
+            ids.append(separator)
+        return ids or [self.eot_token_id]
+
+    # ----------------------------------------------------------------------------------------- generation
 
     def _generate_one(self, request: Instance) -> str:
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
-        gen_kwargs = dict(gen_kwargs)
         visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
-        videos = [self.load_video(path, self.max_frames_num) for path in visuals if isinstance(path, str)]
-        images = [visual for visual in visuals if not isinstance(visual, str)]
-        if images:
+        paths = [visual for visual in visuals if isinstance(visual, str)]
+        if len(paths) != 1 or len(visuals) != 1:
             raise ValueError(
-                f"{self.model_name} answers video questions only; doc {doc_id} of {task} has images"
+                f"{self.model_name} answers questions about one video; doc {doc_id} of {task} has {len(paths)} video "
+                f"path(s) and {len(visuals) - len(paths)} other visual(s)"
             )
-        text = self._prompt(context.replace("<image>", "").replace("<video>", ""), len(videos))
-        inputs = self._image_processor(text=text, videos=videos or None, return_tensors="pt")
-        inputs = inputs.to(self._device)
-        if "pixel_values_videos" in inputs:
-            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
-        until = _stop_strings(gen_kwargs.pop("until", None), self.tok_decode(self.eot_token_id))
-        output = self.model.generate(
-            **inputs, **_generate_kwargs(gen_kwargs, self.use_cache, self.eot_token_id)
-        )
-        answer = self.tokenizer.batch_decode(
-            output[:, inputs["input_ids"].shape[-1] :], skip_special_tokens=True
-        )[0]
-        for term in until:
-            if term:
-                answer = answer.split(term)[0]
+        inputs = self.video_inputs(context, paths[0])
+        stop_ids = self._stop_token_ids()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0]
+        output = self.model.generate(**inputs, **_generate_kwargs(dict(gen_kwargs), self.use_cache, stop_ids, pad_id))
+        new_tokens = output[:, inputs["input_ids"].shape[-1] :]
+        answer = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
         self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
         return answer
 
 
-def _stop_strings(until: Any, eot: str) -> list[str]:
-    if until is None:
-        return [eot]
-    if isinstance(until, str):
-        return [until]
-    if not isinstance(until, list):
-        raise ValueError(f"Expected gen_kwargs['until'] to be a str or a list, got {type(until).__name__}")
-    return until
+def _check_device_map(device_map: Any) -> None:
+    if device_map in (None, "", *SPREADING_DEVICE_MAPS):
+        return
+    try:
+        torch.device(str(device_map))
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device_map={device_map!r} is invalid: allowed {', '.join(SPREADING_DEVICE_MAPS)} or a device such as "
+            "cuda:0 or cpu"
+        ) from None
 
 
-def _generate_kwargs(gen_kwargs: dict[str, Any], use_cache: bool, eot_token_id: int) -> dict[str, Any]:
-    """Greedy unless the task asks for a temperature > 0, as in the base class."""
+def _generate_kwargs(
+    gen_kwargs: dict[str, Any], use_cache: bool, stop_ids: list[int], pad_id: int
+) -> dict[str, Any]:
+    """Greedy unless the task asks for a temperature > 0 (as the official llava_vid class decides)."""
     temperature = float(gen_kwargs.get("temperature", 0) or 0)
     sampling = temperature > 0
     return {
@@ -130,6 +226,6 @@ def _generate_kwargs(gen_kwargs: dict[str, Any], use_cache: bool, eot_token_id: 
         "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
         "max_new_tokens": int(gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
         "use_cache": use_cache,
-        "pad_token_id": eot_token_id,
-        "eos_token_id": eot_token_id,
+        "pad_token_id": pad_id,
+        "eos_token_id": stop_ids,
     }
