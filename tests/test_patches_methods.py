@@ -24,6 +24,7 @@ from flashvid_core import FlashVIDConfig
 from lmms_eval_models.methods import METHODS, MethodSettings, budget_for_method
 from lmms_eval_models.methods.fastvid import fastvid_token_count
 from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid
+from lmms_eval_models.patches.common import PATCH_ATTR
 
 FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")
 LLAVA_PROMPT = "<|im_start|>user\n<video>\nWhat happens in the video?<|im_end|>\n<|im_start|>assistant\n"
@@ -152,14 +153,8 @@ def config_for(case: Case, **overrides: Any) -> FlashVIDConfig:
 
 
 def _statistic_computed(case: Case) -> bool:
-    """Whether the last patched forward computed the vision attention statistic."""
-    if case.family.startswith("llava"):
-        tower = case.model.model.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
-        return any("_flashvid_original_class" in layer.self_attn.__dict__ for layer in layers)
-    from lmms_eval_models.patches.common import PATCH_ATTR
-
-    return getattr(case.model, PATCH_ATTR).video_statistic.attention is not None
+    """Whether the patched forwards since the last apply computed the vision attention statistic."""
+    return getattr(case.model, PATCH_ATTR).capture.captures > 0
 
 
 # ------------------------------------------------------------------------------------------------- tests

@@ -10,14 +10,8 @@ import importlib
 import inspect
 from typing import Any
 
-from lmms_eval_models.patches.common import FlashVIDStats, is_patched
-
-# transformers class name -> module of this package that patches it
-FAMILY_MODULES: dict[str, str] = {
-    "LlavaOnevisionForConditionalGeneration": "lmms_eval_models.patches.llava_onevision",
-    "Qwen2_5_VLForConditionalGeneration": "lmms_eval_models.patches.qwen2_5_vl",
-    "Qwen3VLForConditionalGeneration": "lmms_eval_models.patches.qwen3_vl",
-}
+from lmms_eval_models.patches.common import FAMILY_MODULES, FlashVIDStats
+from lmms_eval_models.patches.prefill import is_patched
 
 __all__ = ["FAMILY_MODULES", "FlashVIDStats", "apply_flashvid", "is_patched", "remove_flashvid"]
 

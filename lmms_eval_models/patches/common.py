@@ -20,7 +20,15 @@ from lmms_eval_models.methods import (
     llm_pruning_plan,
 )
 
-# Attribute set on a patched model instance; holds the family's patch state.
+# transformers class name -> module of this package that patches it (imported only when a model of it is patched,
+# so that importing the package does not import every family's transformers module)
+FAMILY_MODULES: dict[str, str] = {
+    "LlavaOnevisionForConditionalGeneration": "lmms_eval_models.patches.llava_onevision",
+    "Qwen2_5_VLForConditionalGeneration": "lmms_eval_models.patches.qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "lmms_eval_models.patches.qwen3_vl",
+}
+
+# Attribute set on a patched model instance (and on each module whose class it swapped); holds its `prefill.Patch`.
 PATCH_ATTR = "_flashvid_patch"
 # Attribute of a patched model instance holding the `FlashVIDStats` of its last video prefill (None before one).
 STATS_ATTR = "flashvid_stats"
