@@ -198,14 +198,14 @@ def test_llm_receives_the_method_budget(case: Callable[[str], Case], family: str
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_uniform_pools_the_raster_grid(case: Callable[[str], Case], family: str) -> None:
     from lmms_eval_models.methods import compress_with_method
-    from lmms_eval_models.patches._qwen_common import video_compression_inputs
+    from lmms_eval_models.patches.prefill import encode_call
 
     current = case(family)
     current.apply(config_for(current), method="uniform")
     result = forward(current)
-    ((features, statistic),) = video_compression_inputs(
-        current.model, current.inputs["pixel_values_videos"], current.inputs["video_grid_thw"]
-    )
+    encoded = encode_call(current.model, pixel_values_videos=current.inputs["pixel_values_videos"],
+                          video_grid_thw=current.inputs["video_grid_thw"])  # fmt: skip
+    features, statistic = encoded.features, encoded.statistic
     assert statistic is None  # uniform never reads it
     height, width = current.grid_hw
     assert height != width

@@ -1,5 +1,6 @@
-"""What every family's patch shares: the per-call statistics, instance-scoped class swapping, and the method
-plan (FlashVID or a baseline, from the methods registry `lmms_eval_models.methods`) validated at apply time."""
+"""The small pieces the patches share, below the prefill base (`prefill.py`): the family registry by class name, the
+per-call figures (`FlashVIDStats`), the method plan (FlashVID or a baseline, from the methods registry
+`lmms_eval_models.methods`) and the config validated at apply time, and the numeric helpers of the statistics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from flashvid_core.backend import Backend, use_backend
+from flashvid_core.config import FlashVIDConfig
 from lmms_eval_models.methods import (
     LLMPruning,
     MethodSettings,
@@ -48,48 +50,10 @@ class FlashVIDStats:
     compression_ms: float
 
 
-def is_patched(model: Any) -> bool:
-    """Whether FlashVID is currently applied to this model instance."""
-    return getattr(model, PATCH_ATTR, None) is not None
-
-
-def swap_class(module: Any, subclass_factory: Any) -> None:
-    """Give one module instance a dynamically made subclass of its class (ToMe style), remembering the original.
-
-    `subclass_factory(original_class) -> subclass`. Other instances of the same class are untouched.
-    """
-    original = module.__class__
-    if getattr(module, "_flashvid_original_class", None) is not None:
-        return
-    module.__class__ = subclass_factory(original)
-    module._flashvid_original_class = original
-
-
-def restore_class(module: Any) -> None:
-    """Undo `swap_class` on one module instance."""
-    original = getattr(module, "_flashvid_original_class", None)
-    if original is not None:
-        module.__class__ = original
-        del module._flashvid_original_class
-
-
-def check_supported_class(model: Any, supported_class: str) -> None:
-    """TypeError unless `model` is (a subclass of) the class named `supported_class`, listing every supported one."""
-    if not any(cls.__name__ == supported_class for cls in type(model).__mro__):
-        from lmms_eval_models.patches import FAMILY_MODULES
-
-        raise TypeError(
-            f"this patch supports {supported_class}, got {type(model).__name__}; supported model classes: "
-            f"{', '.join(sorted(FAMILY_MODULES))}"
-        )
-
-
-def coerce_config(config: Any) -> Any:
+def coerce_config(config: Any) -> FlashVIDConfig | None:
     """The `FlashVIDConfig` a family's `apply` runs with: a FlashVIDConfig as is, a mapping of its fields through
     `FlashVIDConfig.from_mapping` (which names a bad key), None as None (each family says where None is allowed);
     anything else is a TypeError."""
-    from flashvid_core import FlashVIDConfig
-
     if isinstance(config, Mapping):
         return FlashVIDConfig.from_mapping(config)
     if config is not None and not isinstance(config, FlashVIDConfig):
@@ -202,12 +166,3 @@ def plan_method(
         raise ValueError(f"backend={backend!r} is invalid: expected a flashvid_core.Backend or None")
     return MethodPlan(method=method, retention_ratio=retention_ratio, settings=settings, llm_pruning=pruning,
                       backend=backend)
-
-
-def attach_planned_pruning(layers: Any, plan: MethodPlan) -> Any:
-    """The `LLMPruner` the plan asks for on these decoder layers, or None."""
-    if plan.llm_pruning is None:
-        return None
-    from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
-
-    return attach_llm_pruning(layers, plan.llm_pruning.pruning_layer, plan.llm_pruning.llm_retention_ratio)

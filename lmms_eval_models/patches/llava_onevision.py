@@ -59,18 +59,7 @@ from flashvid_core.pipeline import Compression
 from lmms_eval_models.patches import prefill
 from lmms_eval_models.patches._statistic_kernel import fused_attention_received
 from lmms_eval_models.patches.common import softmax_float32
-from lmms_eval_models.patches.prefill import (
-    EncodedVideo,
-    Family,
-    Prompt,
-    Spliced,
-    StatisticCapture,
-    VideoInputs,
-    VideoLayout,
-    capturing,
-    flashvid_subclass,
-    one_statistic,
-)
+from lmms_eval_models.patches.prefill import EncodedVideo, Family, Prompt, Spliced, StatisticCapture
 
 VIDEO_LAYOUTS: tuple[str, ...] = ("onevision", "llava_video")
 SUPPORTED_CLASS = "LlavaOnevisionForConditionalGeneration"
@@ -81,25 +70,20 @@ __all__ = ["SUPPORTED_CLASS", "VIDEO_LAYOUTS", "LlavaOnevision", "apply", "poole
 # ------------------------------------------------------------------------------------------ registration
 
 
-def apply(
-    model: nn.Module, config: Any, video_layout: str = "onevision", *, method: str | None = None,
-    baseline_options: Mapping[str, Any] | None = None, backend: Backend | None = None,
-) -> nn.Module:  # fmt: skip
+def apply(model: nn.Module, config: Any, video_layout: str = "onevision", *, method: str | None = None,
+          baseline_options: Mapping[str, Any] | None = None, backend: Backend | None = None) -> nn.Module:
     """Patch this `LlavaOnevisionForConditionalGeneration` instance (see the module docstring); returns it."""
-    return prefill.apply(model, LlavaOnevision(video_layout), config, method=method,
-                         baseline_options=baseline_options, backend=backend)  # fmt: skip
+    return prefill.apply(model, LlavaOnevision(video_layout), config, method, baseline_options, backend)
 
 
-def remove(model: nn.Module) -> nn.Module:
-    """Undo `apply` on this instance: afterwards it computes exactly what the stock model computes."""
-    return prefill.remove(model, SUPPORTED_CLASS)
+remove = functools.partial(prefill.remove, supported_class=SUPPORTED_CLASS)  # undo `apply` on this instance
 
 
 # ------------------------------------------------------------------------------------------ the family
 
 
 @dataclass(frozen=True)
-class LlavaVideoInputs(VideoInputs):
+class LlavaVideoInputs(prefill.VideoInputs):
     """pixel_values_videos (1, F, 3, H, W); the call's (or the config's) feature layer(s) and select strategy."""
 
     vision_feature_layer: Any  # int or list of ints
@@ -140,19 +124,19 @@ class LlavaOnevision(Family):
         """Pooled, projected features (F, N, D) and, with `capture`, the equally pooled statistic (F, N)."""
         inner = model.model
         layer = last_used_vision_layer(inputs.vision_feature_layer, len(_vision_encoder_layers(model)))
-        with capturing(capture, _vision_attentions(model)[layer], siglip_attention_received) as captured:
+        with prefill.capturing(capture, _vision_attentions(model)[layer], siglip_attention_received) as captured:
             # Positional pixel argument: it is named pixel_values in 4.57 and pixel_values_videos in 5.x.
             output = inner.get_video_features(
                 inputs.pixel_values_videos,
                 vision_feature_layer=inputs.vision_feature_layer,
                 vision_feature_select_strategy=inputs.vision_feature_select_strategy,
             )
-        layout = VideoLayout(pooled_grid(model, inputs.video_layout))
+        layout = prefill.VideoLayout(pooled_grid(model, inputs.video_layout))
         frames = inputs.pixel_values_videos.shape[0] * inputs.pixel_values_videos.shape[1]
         features = _per_frame_features(output, frames, layout.tokens_per_frame)
         if capture is None:  # the statistic layer ran its fast attention alone: this method never reads it
             return EncodedVideo(features, None, layout)
-        received = one_statistic(captured)  # (F, P) over SigLIP patches
+        received = prefill.one_statistic(captured)  # (F, P) over SigLIP patches
         if inputs.vision_feature_select_strategy == "default":
             received = received[:, 1:]  # the features drop the first position in this strategy; so does A
         # the features' own pooling (bilinear or average), on a one-channel map
@@ -206,7 +190,7 @@ def _pooling_class(original: type, video_layout: str) -> type:
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         return pool(image_features, side, side)
 
-    return flashvid_subclass(original, {"apply_pooling": apply_pooling})
+    return prefill.flashvid_subclass(original, {"apply_pooling": apply_pooling})
 
 
 # -------------------------------------------------------------------------------- vision-side helpers

@@ -380,7 +380,6 @@ def apply(
     model: nn.Module,
     family: Family,
     config: Any,
-    *,
     method: str | None = None,
     baseline_options: Mapping[str, Any] | None = None,
     backend: Backend | None = None,
@@ -580,7 +579,8 @@ def _language_model_kwargs(language_model: nn.Module, extra: Mapping[str, Any]) 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, {**kwargs, **extra}
 
-    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    # first of the pre-hooks, so that other hooks (the user's too) see the call as the language model receives it
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         yield
     finally:
