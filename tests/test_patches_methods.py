@@ -341,3 +341,25 @@ def test_string_baseline_options_as_from_model_args(case: Callable[[str], Case])
     kept = math.ceil(visual * RETENTION_RATIO)  # "paper": r = R
     assert current.model.flashvid_stats.visual_tokens_after_pruning == kept
     assert result.layer_lengths[1:] == [result.llm_length - visual + kept] * (current.num_llm_layers - 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_deleted_patched_model_is_freed_at_once(tiny_checkpoint: Callable[[str], Path], family: str) -> None:
+    """The patch (hooks, pruner, decode maps) holds no reference back to the model: a patched model that generated is
+    freed as soon as its last reference goes, without waiting for the garbage collector (GPU memory in sweeps)."""
+    import gc
+    import weakref
+
+    build = _llava_case if family.startswith("llava") else _qwen_case
+    current = build(family, tiny_checkpoint(family))
+    current.apply(config_for(current, pruning_layer=2, llm_retention_ratio=0.5), method="flashvid")
+    with torch.no_grad():
+        current.model.generate(**current.inputs, max_new_tokens=2, do_sample=False)
+    assert current.model.flashvid_stats.visual_tokens_after_pruning < current.model.flashvid_stats.visual_tokens_in
+    model = weakref.ref(current.model)
+    gc.disable()
+    try:
+        current.model = None
+        assert model() is None
+    finally:
+        gc.enable()

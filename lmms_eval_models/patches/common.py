@@ -40,7 +40,12 @@ STATS_ATTR = "flashvid_stats"
 class FlashVIDStats:
     """What happened to the video tokens on the model's last forward pass with a video.
 
-    Readable as `model.flashvid_stats` after a call; never written into the config.
+    visual_tokens_in: F·N, the video's tokens the LLM would receive uncompressed (LLaVA's newline embeddings not
+    counted); visual_tokens_compressed: M, those the method passed on; visual_tokens_after_pruning: those left from
+    the in-LLM pruning layer K on (M without inner pruning); num_segments: the method's segments (DySeg for
+    FlashVID); compression_ms: the wall time of the method's compression, between device synchronisations (0.0
+    for a method that compresses nothing, as an unpatched run reports). Readable as `model.flashvid_stats` after
+    a call (set by the prefill base, `prefill.py`); never written into the config.
     """
 
     visual_tokens_in: int

@@ -86,7 +86,7 @@ remove = functools.partial(prefill.remove, supported_class=SUPPORTED_CLASS)  # u
 class LlavaVideoInputs(prefill.VideoInputs):
     """pixel_values_videos (1, F, 3, H, W); the call's (or the config's) feature layer(s) and select strategy."""
 
-    vision_feature_layer: Any  # int or list of ints
+    vision_feature_layer: int | list[int]
     vision_feature_select_strategy: str
     video_layout: str
 

@@ -289,6 +289,7 @@ class StatisticCapture:
     """
 
     def __init__(self) -> None:
+        # keyed by id: the capture must not hold the modules, which hold it through their hook
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._armed: tuple[nn.Module, StatisticFunction] | None = None
         self._captured: list[Tensor] = []
@@ -339,14 +340,14 @@ def one_statistic(captured: list[Tensor]) -> Tensor:
 @dataclass
 class Patch:
     """One patched instance's settings (family with its options, config, method plan) and its runtime parts (the
-    pruner, the statistic hooks, the decode maps of the caches its prefills filled, the swapped modules)."""
+    pruner, the statistic hooks, the decode maps of the caches its prefills filled). It holds no reference to the
+    model's modules (the modules hold it), so a deleted model is freed without waiting for the garbage collector."""
 
     family: Family
     config: Any  # flashvid_core.FlashVIDConfig, or None for a method without compression
     plan: MethodPlan
     pruner: InLLMPruner | None
     capture: StatisticCapture = field(default_factory=StatisticCapture)
-    swapped: list[nn.Module] = field(default_factory=list)
     decode_maps: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     def decode_map(self, cache: Any) -> DecodeMap | None:
@@ -403,7 +404,6 @@ def apply(
         module.__dict__[ORIGINAL_CLASS_ATTR] = type(module)
         module.__class__ = make_class(type(module))
         module.__dict__[PATCH_ATTR] = patch
-        patch.swapped.append(module)
     model.__dict__[STATS_ATTR] = None
     return model
 
@@ -417,9 +417,10 @@ def remove(model: nn.Module, supported_class: str) -> nn.Module:
     if patch.pruner is not None:
         patch.pruner.remove()
     patch.capture.remove()
-    for module in patch.swapped:
-        module.__class__ = module.__dict__.pop(ORIGINAL_CLASS_ATTR)
-        module.__dict__.pop(PATCH_ATTR, None)
+    for module in model.modules():
+        if module.__dict__.get(PATCH_ATTR) is patch:
+            module.__class__ = module.__dict__.pop(ORIGINAL_CLASS_ATTR)
+            del module.__dict__[PATCH_ATTR]
     model.__dict__.pop(STATS_ATTR, None)
     return model
 
@@ -496,11 +497,7 @@ def _video_prefill(
     compression, compression_ms = _timed_compression(patch, encoded)
     spliced = family.splice(model, prompt, encoded, compression)
 
-    call = {name: value for name, value in arguments.items() if name not in family.consumed_arguments}
-    call.update(input_ids=None, inputs_embeds=spliced.inputs_embeds, attention_mask=prompt.mask_at(spliced.source_positions),
-                position_ids=spliced.position_ids)  # fmt: skip
-    if takes_cache_position or arguments.get("cache_position") is not None:
-        call["cache_position"] = torch.arange(spliced.inputs_embeds.shape[1], device=spliced.inputs_embeds.device)
+    call = _shortened_call(arguments, family, prompt, spliced, takes_cache_position)
     pruning = (
         patch.pruner.prefill(visual_positions=spliced.visual_rows)
         if patch.pruner is not None
@@ -555,6 +552,22 @@ def _checked_prompt(model: nn.Module, arguments: dict[str, Any], video: VideoInp
         attention_mask=torch.ones_like(input_ids) if mask is None else mask,
         arguments=MappingProxyType(arguments),
     )
+
+
+def _shortened_call(
+    arguments: dict[str, Any], family: Family, prompt: Prompt, spliced: Spliced, takes_cache_position: bool
+) -> dict[str, Any]:
+    """The stock forward's arguments for the shortened sequence: embeddings instead of ids, the mask's columns at
+    the source positions, the family's positions, cache positions 0..L'-1 (where the forward takes them), and
+    without the arguments the splice consumed."""
+    call = {name: value for name, value in arguments.items() if name not in family.consumed_arguments}
+    call["input_ids"] = None
+    call["inputs_embeds"] = spliced.inputs_embeds
+    call["attention_mask"] = prompt.mask_at(spliced.source_positions)
+    call["position_ids"] = spliced.position_ids
+    if takes_cache_position or arguments.get("cache_position") is not None:
+        call["cache_position"] = torch.arange(spliced.inputs_embeds.shape[1], device=spliced.inputs_embeds.device)
+    return call
 
 
 def _timed_compression(patch: Patch, encoded: EncodedVideo) -> tuple[Compression, float]:
