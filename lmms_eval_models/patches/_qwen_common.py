@@ -54,12 +54,12 @@ class _Images:
 @dataclass(frozen=True)
 class _Rows:
     """The shortened sequence: which original position each row comes from, which rows hold video tokens, the
-    embeddings, and (Qwen3-VL) each row's row in the joint image-then-video deepstack table (-1: not visual)."""
+    embeddings, and each row's row in the joint image-then-video deepstack table (-1: not visual; Qwen3-VL)."""
 
     source_positions: torch.Tensor  # (L',)
     video_rows: torch.Tensor  # (L',) bool
     embeds: torch.Tensor  # (1, L', D)
-    deepstack_source: torch.Tensor | None  # (L',)
+    deepstack_source: torch.Tensor  # (L',)
 
 
 class QwenFamily(Family):
@@ -112,7 +112,7 @@ class QwenFamily(Family):
                 f"{placeholders.numel()} video placeholders in input_ids but the video features have {video_tokens} tokens"
             )
         rows = _assemble(ids, embeds, placeholders, compression, self.dropped_rows(ids, config), images,
-                         config.image_token_id if self.has_deepstack else None)  # fmt: skip
+                         config.image_token_id)  # fmt: skip
         extra = _deepstack_kwargs(rows, images, encoded.side_features) if self.has_deepstack else {}
         return Spliced(rows.embeds, rows.source_positions, torch.nonzero(rows.video_rows).flatten(),
                        _position_ids(inner, prompt, rows.source_positions), extra)  # fmt: skip
@@ -150,24 +150,22 @@ def _assemble(
     compression: Compression,
     drop: torch.Tensor,
     images: _Images,
-    image_token_id: int | None,
+    image_token_id: int,
 ) -> _Rows:
     """Vectorised assembly: the kept prompt rows and the compressed rows (at the placeholder of their global index),
-    ordered by original position (a stable sort keeps duplicated indices in compression order). With an
-    `image_token_id`, each row's row of the joint deepstack table too: image rows first, then the video's."""
+    ordered by original position (a stable sort keeps duplicated indices in compression order); and each row's row
+    of the joint deepstack table: image rows first, then the video's."""
     keep_rows = torch.nonzero(~drop).flatten()
     indices = compression.indices.to(ids.device)
     all_positions = torch.cat((keep_rows, placeholders[indices]))
     order = torch.sort(all_positions, stable=True).indices
     is_video = torch.cat((torch.zeros_like(keep_rows, dtype=torch.bool), torch.ones_like(indices, dtype=torch.bool)))
     rows = torch.cat((embeds[0, keep_rows], compression.tokens.to(embeds.device, embeds.dtype)))
-    deepstack_source = None
-    if image_token_id is not None:
-        text_source = torch.full_like(keep_rows, -1)
-        if images.count:
-            image_rank = torch.cumsum(ids == image_token_id, 0) - 1
-            text_source = torch.where(ids[keep_rows] == image_token_id, image_rank[keep_rows], text_source)
-        deepstack_source = torch.cat((text_source, indices + images.count))[order]
+    text_source = torch.full_like(keep_rows, -1)
+    if images.count:
+        image_rank = torch.cumsum(ids == image_token_id, 0) - 1
+        text_source = torch.where(ids[keep_rows] == image_token_id, image_rank[keep_rows], text_source)
+    deepstack_source = torch.cat((text_source, indices + images.count))[order]
     return _Rows(all_positions[order], is_video[order], rows[order].unsqueeze(0), deepstack_source)
 
 
@@ -188,7 +186,6 @@ def _deepstack_kwargs(rows: _Rows, images: _Images, video_deepstack: tuple[torch
     """Qwen3-VL: the visual-row mask of the shortened sequence and the deepstack features of those rows (a merged
     token takes its centre's features: the row of its global index)."""
     source = rows.deepstack_source
-    assert source is not None
     visual = source >= 0
     tables = []
     for layer, video_table in enumerate(video_deepstack):
