@@ -363,3 +363,35 @@ def test_a_deleted_patched_model_is_freed_at_once(tiny_checkpoint: Callable[[str
         assert model() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calls_the_patch_cannot_serve_are_refused_before_model_work(case: Callable[[str], Case], family: str) -> None:
+    """Every family refuses, with the reason, what the shortened sequence cannot do: labels of the original
+    sequence, pre-encoded video outputs (no statistic), a 4-D mask, a non-empty cache; the vision tower never runs."""
+    from transformers import DynamicCache
+
+    current = case(family)
+    current.apply(config_for(current))
+    inner = current.model.model
+    tower = inner.vision_tower if family.startswith("llava") else inner.visual
+    vision_calls: list[int] = []
+    handle = tower.register_forward_pre_hook(lambda *_: vision_calls.append(1))
+    ids, mask = current.inputs["input_ids"], current.inputs["attention_mask"]
+    filled = DynamicCache()
+    with torch.no_grad():
+        current.model.model.language_model(input_ids=ids[:, :3], past_key_values=filled, use_cache=True)
+    refused = {
+        "labels for the original one cannot be scored": {"labels": ids},
+        "not pre-encoded video outputs": {"mm_encoder_outputs": {"video": object()}},
+        r"2-D attention_mask \(batch, sequence\), got \(1, 1, \d+, \d+\)": {"attention_mask": mask[:, None, None, :]},
+        "prefill from an empty KV cache": {"past_key_values": filled},
+    }
+    try:
+        for message, change in refused.items():
+            with torch.no_grad(), pytest.raises(ValueError, match=message):
+                current.model(**{**current.inputs, **change})
+    finally:
+        handle.remove()
+    assert vision_calls == []
+    assert current.model.flashvid_stats is None
