@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flashvid_core import FlashVIDConfig, compress
-from lmms_eval_models.patches import apply_flashvid, remove_flashvid
+from lmms_eval_models.patches import apply_flashvid, llava_onevision, remove_flashvid
 from lmms_eval_models.patches.llava_onevision import last_used_vision_layer, newline_per_frame
 
 ATTENTIONS = ("eager", "sdpa")
@@ -268,25 +268,40 @@ def test_cached_generate_matches_uncached_steps(
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_statistic_only_in_the_last_used_vision_layer(
-    checkpoint: Callable[[str], Path], attention: str
+    checkpoint: Callable[[str], Path], attention: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = checkpoint("onevision")
     model = load(path, attention)
     tower = model.model.vision_tower
     attentions = [layer.self_attn for layer in getattr(tower, "vision_model", tower).encoder.layers]
     stock_classes = [type(module) for module in attentions]
+    stock_hooks = [len(module._forward_pre_hooks) for module in attentions]
+    computed_in: list[int] = []  # the layer each statistic was computed from
+    stock_received = llava_onevision.attention_received
+
+    def recording_received(module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        computed_in.append(attentions.index(module))
+        return stock_received(module, *args, **kwargs)
+
+    monkeypatch.setattr(llava_onevision, "attention_received", recording_received)
+
+    def hooked() -> list[bool]:
+        return [len(module._forward_pre_hooks) > count for module, count in zip(attentions, stock_hooks)]
+
     apply_flashvid(model, flashvid_config(model))
     with torch.no_grad():
         model(**video_inputs(path))
-    assert [type(module) is cls for module, cls in zip(attentions, stock_classes)] == [True, False]
+    assert computed_in == [1] and hooked() == [False, True]
+    assert [type(module) for module in attentions] == stock_classes  # each layer keeps its own attention
     assert model.config.vision_config._attn_implementation == attention  # the fast path stays for the others
     with (
         torch.no_grad()
     ):  # a per-call vision_feature_layer moves the statistic to that call's last used layer
         model(**video_inputs(path), vision_feature_layer=-2)
-    assert type(attentions[0]) is not stock_classes[0]
+    assert computed_in == [1, 0] and hooked() == [True, True]
     remove_flashvid(model)
     assert [type(module) for module in attentions] == stock_classes
+    assert [len(module._forward_pre_hooks) for module in attentions] == stock_hooks
 
 
 def test_two_instances_keep_their_own_settings(checkpoint: Callable[[str], Path]) -> None:

@@ -24,6 +24,7 @@ from flashvid_core import FlashVIDConfig
 from lmms_eval_models.methods import METHODS, MethodSettings, budget_for_method
 from lmms_eval_models.methods.fastvid import fastvid_token_count
 from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid
+from lmms_eval_models.patches.common import PATCH_ATTR
 
 FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")
 LLAVA_PROMPT = "<|im_start|>user\n<video>\nWhat happens in the video?<|im_end|>\n<|im_start|>assistant\n"
@@ -152,14 +153,8 @@ def config_for(case: Case, **overrides: Any) -> FlashVIDConfig:
 
 
 def _statistic_computed(case: Case) -> bool:
-    """Whether the last patched forward computed the vision attention statistic."""
-    if case.family.startswith("llava"):
-        tower = case.model.model.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
-        return any("_flashvid_original_class" in layer.self_attn.__dict__ for layer in layers)
-    from lmms_eval_models.patches.common import PATCH_ATTR
-
-    return getattr(case.model, PATCH_ATTR).video_statistic.attention is not None
+    """Whether the patched forwards since the last apply computed the vision attention statistic."""
+    return getattr(case.model, PATCH_ATTR).capture.captures > 0
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -203,14 +198,14 @@ def test_llm_receives_the_method_budget(case: Callable[[str], Case], family: str
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_uniform_pools_the_raster_grid(case: Callable[[str], Case], family: str) -> None:
     from lmms_eval_models.methods import compress_with_method
-    from lmms_eval_models.patches._qwen_common import video_compression_inputs
+    from lmms_eval_models.patches.prefill import encode_call
 
     current = case(family)
     current.apply(config_for(current), method="uniform")
     result = forward(current)
-    ((features, statistic),) = video_compression_inputs(
-        current.model, current.inputs["pixel_values_videos"], current.inputs["video_grid_thw"]
-    )
+    encoded = encode_call(current.model, pixel_values_videos=current.inputs["pixel_values_videos"],
+                          video_grid_thw=current.inputs["video_grid_thw"])  # fmt: skip
+    features, statistic = encoded.features, encoded.statistic
     assert statistic is None  # uniform never reads it
     height, width = current.grid_hw
     assert height != width
@@ -346,3 +341,57 @@ def test_string_baseline_options_as_from_model_args(case: Callable[[str], Case])
     kept = math.ceil(visual * RETENTION_RATIO)  # "paper": r = R
     assert current.model.flashvid_stats.visual_tokens_after_pruning == kept
     assert result.layer_lengths[1:] == [result.llm_length - visual + kept] * (current.num_llm_layers - 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_deleted_patched_model_is_freed_at_once(tiny_checkpoint: Callable[[str], Path], family: str) -> None:
+    """The patch (hooks, pruner, decode maps) holds no reference back to the model: a patched model that generated is
+    freed as soon as its last reference goes, without waiting for the garbage collector (GPU memory in sweeps)."""
+    import gc
+    import weakref
+
+    build = _llava_case if family.startswith("llava") else _qwen_case
+    current = build(family, tiny_checkpoint(family))
+    current.apply(config_for(current, pruning_layer=2, llm_retention_ratio=0.5), method="flashvid")
+    with torch.no_grad():
+        current.model.generate(**current.inputs, max_new_tokens=2, do_sample=False)
+    assert current.model.flashvid_stats.visual_tokens_after_pruning < current.model.flashvid_stats.visual_tokens_in
+    model = weakref.ref(current.model)
+    gc.disable()
+    try:
+        current.model = None
+        assert model() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calls_the_patch_cannot_serve_are_refused_before_model_work(case: Callable[[str], Case], family: str) -> None:
+    """Every family refuses, with the reason, what the shortened sequence cannot do: labels of the original
+    sequence, pre-encoded video outputs (no statistic), a 4-D mask, a non-empty cache; the vision tower never runs."""
+    from transformers import DynamicCache
+
+    current = case(family)
+    current.apply(config_for(current))
+    inner = current.model.model
+    tower = inner.vision_tower if family.startswith("llava") else inner.visual
+    vision_calls: list[int] = []
+    handle = tower.register_forward_pre_hook(lambda *_: vision_calls.append(1))
+    ids, mask = current.inputs["input_ids"], current.inputs["attention_mask"]
+    filled = DynamicCache()
+    with torch.no_grad():
+        current.model.model.language_model(input_ids=ids[:, :3], past_key_values=filled, use_cache=True)
+    refused = {
+        "labels for the original one cannot be scored": {"labels": ids},
+        "not pre-encoded video outputs": {"mm_encoder_outputs": {"video": object()}},
+        r"2-D attention_mask \(batch, sequence\), got \(1, 1, \d+, \d+\)": {"attention_mask": mask[:, None, None, :]},
+        "prefill from an empty KV cache": {"past_key_values": filled},
+    }
+    try:
+        for message, change in refused.items():
+            with torch.no_grad(), pytest.raises(ValueError, match=message):
+                current.model(**{**current.inputs, **change})
+    finally:
+        handle.remove()
+    assert vision_calls == []
+    assert current.model.flashvid_stats is None

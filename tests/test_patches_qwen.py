@@ -11,7 +11,7 @@ import transformers  # noqa: F401  (a hard dependency: a broken install must fai
 
 from flashvid_core import FlashVIDConfig, compress
 from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid
-from lmms_eval_models.patches._qwen_common import video_compression_inputs
+from lmms_eval_models.patches.prefill import encode_call
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 IMPLEMENTATIONS = ("eager", "sdpa")
@@ -103,7 +103,7 @@ def test_identity_and_removal_reproduce_stock_logits(loaded, family, implementat
     assert logits(model, inputs).shape[1] < stock.shape[1]
     remove_flashvid(model)
     assert not is_patched(model) and not hasattr(model, "flashvid_stats")
-    assert not type(model.model).__name__.startswith("FlashVID")
+    assert not any(type(module).__name__.startswith("FlashVID") for module in model.modules())
     assert torch.equal(logits(model, inputs), stock)
 
 
@@ -126,7 +126,8 @@ def test_language_model_receives_exactly_the_compressed_tokens(loaded, family, i
     with LanguageModelInputs(model) as recorder:
         logits(model, inputs, seed=3)
     received = recorder.calls[0]
-    ((features, attention),) = video_compression_inputs(model, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    encoded = encode_call(model, pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+    features, attention = encoded.features, encoded.statistic
     torch.manual_seed(3)
     expected = compress(features, attention, COMPRESS)
 
@@ -365,7 +366,8 @@ def test_attention_statistic_equals_eager_probabilities_of_the_last_vision_block
     monkeypatch.setattr(modeling, "eager_attention_forward", recording_eager)
     merged: list[torch.Tensor] = []
     handle = visual.merger.register_forward_hook(lambda module, args, output: merged.append(output))
-    ((features, attention),) = video_compression_inputs(model, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    encoded = encode_call(model, pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+    features, attention = encoded.features, encoded.statistic
     handle.remove()
     assert len(recorded) == int(inputs["video_grid_thw"][0, 0])  # only the last block, one chunk per group
     per_patch = torch.cat([weights.mean(dim=1).mean(dim=1).flatten() for weights in recorded])
@@ -522,7 +524,7 @@ def test_prefill_with_given_positions_sets_the_rope_deltas_for_decoding(loaded, 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_config_mapping_is_accepted_and_the_patch_class_is_reused(loaded, family):
     """`apply` takes a mapping of FlashVIDConfig fields like the config itself (as the LLaVA patch does); the
-    inner model's patched class is made once per original class, not at every apply."""
+    model's patched class (named FlashVID…) is made once per original class, not at every apply."""
     from dataclasses import asdict
 
     from_config, processor = loaded(family)
@@ -531,10 +533,11 @@ def test_a_config_mapping_is_accepted_and_the_patch_class_is_reused(loaded, fami
     apply_flashvid(from_config, COMPRESS)
     apply_flashvid(from_mapping, asdict(COMPRESS))
     assert from_mapping.flashvid_stats is None
-    assert type(from_mapping.model) is type(from_config.model)
-    patched_class = type(from_mapping.model)
+    assert type(from_mapping) is type(from_config)
+    patched_class = type(from_mapping)
+    assert patched_class.__name__ == f"FlashVID{patched_class.__mro__[1].__name__}"
     apply_flashvid(from_mapping, COMPRESS)  # re-applying swaps back and forth through the same class
-    assert type(from_mapping.model) is patched_class
+    assert type(from_mapping) is patched_class
     assert torch.equal(logits(from_mapping, inputs), logits(from_config, inputs))
     with pytest.raises(TypeError, match="FlashVIDConfig"):
         apply_flashvid(from_mapping, 0.25)

@@ -3,8 +3,8 @@
 - Pooling: the patch's channels-last bilinear pooling must be bit-identical to transformers' own `apply_pooling`
   (float32 and bfloat16, the 7B shape's 27×27 grid and the tiny checkpoint's 7×7 one).
 - Attention statistic: computed beside the layer in query chunks, it must equal the mean over heads and queries
-  of transformers' eager attention probabilities (within float tolerance), while the armed layer's output stays
-  bit-identical to the stock layer's (sdpa and eager).
+  of transformers' eager attention probabilities (within float tolerance), while the layer's output, with the
+  statistic armed on it, stays bit-identical to the stock layer's (sdpa and eager).
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from torch import nn
 
 from flashvid_core import FlashVIDConfig
 from lmms_eval_models.patches import apply_flashvid
-from lmms_eval_models.patches.common import swap_class
 from lmms_eval_models.patches.llava_onevision import (
-    _features_and_statistic,
-    _statistic_attention_class,
     attention_received,
     bilinear_pool_half,
+    siglip_attention_received,
 )
+from lmms_eval_models.patches.prefill import StatisticCapture, encode_call
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -131,17 +130,20 @@ def test_chunked_statistic_with_mask_equals_eager(mask_rows: int) -> None:
 def test_armed_layer_output_is_the_stock_layer_output(implementation: str, dtype: torch.dtype) -> None:
     stock = siglip_attention(implementation, dtype)
     armed = copy.deepcopy(stock)
-    swap_class(armed, _statistic_attention_class)
-    sink: list[torch.Tensor] = []
-    armed._flashvid_sink = sink
+    capture = StatisticCapture()
     torch.manual_seed(4)
     hidden_states = torch.randn(3, 29, 48).to(dtype)
     with torch.no_grad():
-        expected, actual = stock(hidden_states)[0], armed(hidden_states)[0]
+        expected = stock(hidden_states)[0]
+        with capture.armed(armed, siglip_attention_received) as sink:
+            actual = armed(hidden_states)[0]
+        assert torch.equal(armed(hidden_states)[0], expected)  # disarmed: the hook computes nothing
     assert torch.equal(actual, expected)
-    assert len(sink) == 1
+    assert len(sink) == 1 and capture.captures == 1
     tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
     torch.testing.assert_close(sink[0], eager_statistic(stock, hidden_states), **tolerance)
+    capture.remove()
+    assert len(armed._forward_pre_hooks) == len(stock._forward_pre_hooks)
 
 
 def test_patched_sdpa_features_are_the_stock_features(tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -161,9 +163,13 @@ def test_patched_sdpa_features_are_the_stock_features(tiny_checkpoint: Callable[
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
-        features, statistic = _features_and_statistic(
-            patched, pixels, config.vision_feature_layer, config.vision_feature_select_strategy
+        encoded = encode_call(
+            patched,
+            pixel_values_videos=pixels,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
+    features, statistic = encoded.features, encoded.statistic
     expected = output if torch.is_tensor(output) else output.pooler_output
     frames, tokens, dim = features.shape
     assert torch.equal(features.reshape(-1, dim), expected.reshape(-1, dim)[: frames * tokens])

@@ -1,28 +1,24 @@
 """Apply FlashVID to one model instance: `apply_flashvid(model, config)` and `remove_flashvid(model)`.
 
-Each supported model family has its own module; this file only dispatches on the model's class name, so that
-importing the package does not import every family's transformers module.
+Each supported model family has its own module (its `Family`: encode, splice, statistic source, registration) on
+the shared prefill base `prefill.py`; this file only dispatches on the model's class name, so that importing the
+package does not import every family's transformers module.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from types import ModuleType
 from typing import Any
 
-from lmms_eval_models.patches.common import FlashVIDStats, is_patched
-
-# transformers class name -> module of this package that patches it
-FAMILY_MODULES: dict[str, str] = {
-    "LlavaOnevisionForConditionalGeneration": "lmms_eval_models.patches.llava_onevision",
-    "Qwen2_5_VLForConditionalGeneration": "lmms_eval_models.patches.qwen2_5_vl",
-    "Qwen3VLForConditionalGeneration": "lmms_eval_models.patches.qwen3_vl",
-}
+from lmms_eval_models.patches.common import FAMILY_MODULES, FlashVIDStats
+from lmms_eval_models.patches.prefill import is_patched
 
 __all__ = ["FAMILY_MODULES", "FlashVIDStats", "apply_flashvid", "is_patched", "remove_flashvid"]
 
 
-def _family_module(model: Any):
+def _family_module(model: Any) -> ModuleType:
     for cls in type(model).__mro__:
         if cls.__name__ in FAMILY_MODULES:
             return importlib.import_module(FAMILY_MODULES[cls.__name__])
@@ -36,10 +32,11 @@ def apply_flashvid(model: Any, config: Any, **family_options: Any) -> Any:
     `config` is a `flashvid_core.FlashVIDConfig` or a mapping of its fields (built with `FlashVIDConfig.from_mapping`,
     which names an unknown key) in every family; None only where the method needs no config ("none").
 
-    `family_options` are passed to the family's `apply`: every family takes `method` (default "flashvid"; any of
-    a method of the registry `lmms_eval_models.methods`, run at `config.retention_ratio`) and `baseline_options` (a mapping of
-    `MethodSettings` fields), LLaVA also `video_layout`, Qwen3-VL `drop_vision_delimiters`. An unknown method,
-    option or family option raises before the model is touched. Returns the model.
+    `family_options` are passed to the family's `apply`: every family takes `method` (a method of the registry
+    `lmms_eval_models.methods`, run at `config.retention_ratio`; default "flashvid" with a config, "none" without),
+    `baseline_options` (a mapping of `MethodSettings` fields) and `backend` (a `flashvid_core.Backend` for this
+    instance's prefills), LLaVA also `video_layout`, Qwen3-VL `drop_vision_delimiters`. An unknown method, option
+    or family option raises before the model is touched. Returns the model.
     """
     module = _family_module(model)
     _check_family_options(module, family_options)

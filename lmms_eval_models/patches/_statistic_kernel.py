@@ -21,6 +21,8 @@ from flashvid_core.accel.kernels import KERNELS
 
 
 def _build_kernel():  # pragma: no cover - needs triton and a CUDA device
+    # Imported here, on the first CUDA call only: Triton is optional (absent on CPU-only installs), and importing it
+    # costs seconds that a CPU run, or a method without the statistic, never needs.
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice

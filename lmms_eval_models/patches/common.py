@@ -1,5 +1,6 @@
-"""What every family's patch shares: the per-call statistics, instance-scoped class swapping, and the method
-plan (FlashVID or a baseline, from the methods registry `lmms_eval_models.methods`) validated at apply time."""
+"""The small pieces the patches share, below the prefill base (`prefill.py`): the family registry by class name, the
+per-call figures (`FlashVIDStats`), the method plan (FlashVID or a baseline, from the methods registry
+`lmms_eval_models.methods`) and the config validated at apply time, and the numeric helpers of the statistics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from flashvid_core.backend import Backend, use_backend
+from flashvid_core.config import FlashVIDConfig
 from lmms_eval_models.methods import (
     LLMPruning,
     MethodSettings,
@@ -20,7 +22,15 @@ from lmms_eval_models.methods import (
     llm_pruning_plan,
 )
 
-# Attribute set on a patched model instance; holds the family's patch state.
+# transformers class name -> module of this package that patches it (imported only when a model of it is patched,
+# so that importing the package does not import every family's transformers module)
+FAMILY_MODULES: dict[str, str] = {
+    "LlavaOnevisionForConditionalGeneration": "lmms_eval_models.patches.llava_onevision",
+    "Qwen2_5_VLForConditionalGeneration": "lmms_eval_models.patches.qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "lmms_eval_models.patches.qwen3_vl",
+}
+
+# Attribute set on a patched model instance (and on each module whose class it swapped); holds its `prefill.Patch`.
 PATCH_ATTR = "_flashvid_patch"
 # Attribute of a patched model instance holding the `FlashVIDStats` of its last video prefill (None before one).
 STATS_ATTR = "flashvid_stats"
@@ -30,7 +40,12 @@ STATS_ATTR = "flashvid_stats"
 class FlashVIDStats:
     """What happened to the video tokens on the model's last forward pass with a video.
 
-    Readable as `model.flashvid_stats` after a call; never written into the config.
+    visual_tokens_in: F·N, the video's tokens the LLM would receive uncompressed (LLaVA's newline embeddings not
+    counted); visual_tokens_compressed: M, those the method passed on; visual_tokens_after_pruning: those left from
+    the in-LLM pruning layer K on (M without inner pruning); num_segments: the method's segments (DySeg for
+    FlashVID); compression_ms: the wall time of the method's compression, between device synchronisations (0.0
+    for a method that compresses nothing, as an unpatched run reports). Readable as `model.flashvid_stats` after
+    a call (set by the prefill base, `prefill.py`); never written into the config.
     """
 
     visual_tokens_in: int
@@ -40,48 +55,10 @@ class FlashVIDStats:
     compression_ms: float
 
 
-def is_patched(model: Any) -> bool:
-    """Whether FlashVID is currently applied to this model instance."""
-    return getattr(model, PATCH_ATTR, None) is not None
-
-
-def swap_class(module: Any, subclass_factory: Any) -> None:
-    """Give one module instance a dynamically made subclass of its class (ToMe style), remembering the original.
-
-    `subclass_factory(original_class) -> subclass`. Other instances of the same class are untouched.
-    """
-    original = module.__class__
-    if getattr(module, "_flashvid_original_class", None) is not None:
-        return
-    module.__class__ = subclass_factory(original)
-    module._flashvid_original_class = original
-
-
-def restore_class(module: Any) -> None:
-    """Undo `swap_class` on one module instance."""
-    original = getattr(module, "_flashvid_original_class", None)
-    if original is not None:
-        module.__class__ = original
-        del module._flashvid_original_class
-
-
-def check_supported_class(model: Any, supported_class: str) -> None:
-    """TypeError unless `model` is (a subclass of) the class named `supported_class`, listing every supported one."""
-    if not any(cls.__name__ == supported_class for cls in type(model).__mro__):
-        from lmms_eval_models.patches import FAMILY_MODULES
-
-        raise TypeError(
-            f"this patch supports {supported_class}, got {type(model).__name__}; supported model classes: "
-            f"{', '.join(sorted(FAMILY_MODULES))}"
-        )
-
-
-def coerce_config(config: Any) -> Any:
+def coerce_config(config: Any) -> FlashVIDConfig | None:
     """The `FlashVIDConfig` a family's `apply` runs with: a FlashVIDConfig as is, a mapping of its fields through
     `FlashVIDConfig.from_mapping` (which names a bad key), None as None (each family says where None is allowed);
     anything else is a TypeError."""
-    from flashvid_core import FlashVIDConfig
-
     if isinstance(config, Mapping):
         return FlashVIDConfig.from_mapping(config)
     if config is not None and not isinstance(config, FlashVIDConfig):
@@ -194,12 +171,3 @@ def plan_method(
         raise ValueError(f"backend={backend!r} is invalid: expected a flashvid_core.Backend or None")
     return MethodPlan(method=method, retention_ratio=retention_ratio, settings=settings, llm_pruning=pruning,
                       backend=backend)
-
-
-def attach_planned_pruning(layers: Any, plan: MethodPlan) -> Any:
-    """The `LLMPruner` the plan asks for on these decoder layers, or None."""
-    if plan.llm_pruning is None:
-        return None
-    from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
-
-    return attach_llm_pruning(layers, plan.llm_pruning.pruning_layer, plan.llm_pruning.llm_retention_ratio)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashvid_core import llm_keep_positions
 from lmms_eval_models.patches.common import rotate_half
 
 __all__ = ["LLMPruner", "PrefillResult", "attach_llm_pruning", "layer_last_query_attention"]
@@ -100,8 +101,6 @@ def _keep_positions(
     its order, so `flashvid_core.llm_keep_positions` (which takes one span) breaks ties exactly as it would on a
     contiguous span.
     """
-    from flashvid_core import llm_keep_positions
-
     length = attention.shape[0]
     visual_count = int(visual_positions.numel())
     start = int(visual_positions[0]) if visual_count else 0
