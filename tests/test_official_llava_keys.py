@@ -32,7 +32,7 @@ def test_every_official_key_is_taken_with_its_meaning(tiny_checkpoint):
         mm_newline_position="frame", force_sample=False, add_time_instruction=True, max_frames_num=12, video_fps=2,
     )  # fmt: skip
     # the LLaVA-Video layout on the OneVision class, also without compression
-    assert getattr(model.model, PATCH_ATTR).video_layout == "llava_video"
+    assert getattr(model.model, PATCH_ATTR).family.video_layout == "llava_video"
     assert model.model.config._attn_implementation == "eager"
     assert model.model.device == torch.device("cpu") and model.model.dtype == torch.float16  # the official dtype
 
@@ -49,7 +49,7 @@ def test_defaults_are_the_official_scripts(model_name, tiny_checkpoint):
     else:
         assert (settings.mm_spatial_pool_mode, settings.mm_newline_position, settings.max_frames_num) == (
             "average", "frame", 64)  # fmt: skip
-        assert getattr(model.model, PATCH_ATTR).video_layout == "llava_video"
+        assert getattr(model.model, PATCH_ATTR).family.video_layout == "llava_video"
 
 
 REFUSED = [

@@ -162,7 +162,7 @@ def hook_counts(modules: StageModules) -> list[int]:
 
 
 def swapped_layers(modules: StageModules) -> int:
-    """Vision layers holding a module whose class a patch swapped (`common.swap_class` marks it)."""
+    """Vision layers holding a module whose class a patch swapped (`prefill.apply` marks it with `_flashvid_original_class`)."""
     return sum(
         1 for layer in modules.vision_layers
         if any("_flashvid_original_class" in sub.__dict__ for sub in list(layer.modules())[1:])
