@@ -202,4 +202,5 @@ def attach_planned_pruning(layers: Any, plan: MethodPlan) -> Any:
         return None
     from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
 
-    return attach_llm_pruning(layers, plan.llm_pruning.pruning_layer, plan.llm_pruning.llm_retention_ratio)
+    pruning = plan.llm_pruning
+    return attach_llm_pruning(layers, pruning.pruning_layer, pruning.llm_retention_ratio, pruning.scoring)
