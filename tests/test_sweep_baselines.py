@@ -88,6 +88,13 @@ def test_smoke_variant_runs_every_method_on_every_tiny_family(capsys, monkeypatc
         assert (plan is not None) == (method in ("fastv", "prunevid"))
 
 
+def test_script_runs_the_full_baselines_sweep():
+    script = REPO / "scripts" / "baselines.sh"
+    assert os.access(script, os.X_OK)
+    assert "flashvid-sweep run configs/sweeps/baselines.yaml \"$@\"" in script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
 def test_table1_plans_prunevid_and_the_report_matches_its_rows():
     sweep = load_sweep(SWEEPS / "table1_llava_onevision.yaml")
     prunevid = [run for run in sweep.runs if method_of(run.model_args) == "PruneVID"]
