@@ -173,6 +173,9 @@ def test_every_family_prunes_at_k_and_decodes_the_reference(case: Callable[[str]
         inputs = dict(current.inputs)
         inputs["input_ids"] = output.sequences[:, : prompt + step]
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        if "mm_token_type_ids" in inputs:  # transformers 5's Qwen processors: the generated tokens are text (0)
+            types = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, step)], dim=1)
         with torch.no_grad():
             reference = current.model(**inputs, use_cache=False).logits[:, -1]
         torch.testing.assert_close(output.logits[step], reference, atol=1e-4, rtol=1e-4)
