@@ -207,6 +207,8 @@ def test_token_counts_match_the_budget_arithmetic(method, grid, num_frames, rati
         assert result.indices.numel() <= budget.tokens_entering_llm
         return
     assert result.indices.numel() == budget.tokens_entering_llm
+    if method == "prunevid":  # F·b over the video: a segment's static tokens sit at its first frame
+        return
     per_frame = torch.bincount(result.indices // num_tokens, minlength=num_frames)
     assert per_frame.tolist() == [budget.tokens_per_frame] * num_frames
 

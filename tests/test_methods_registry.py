@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_registry_lists_every_method_in_order() -> None:
-    assert METHODS == ("flashvid", "fastv", "visionzip", "divprune", "fastvid", "uniform", "random", "none")
+    assert METHODS == ("flashvid", "fastv", "visionzip", "divprune", "prunevid", "fastvid", "uniform", "random",
+                       "none")
     assert [method.label for method in all_methods()] == [
-        "FlashVID", "FastV", "VisionZip", "DivPrune", "FastVID", "Uniform", "Random", "Vanilla"]
+        "FlashVID", "FastV", "VisionZip", "DivPrune", "PruneVID", "FastVID", "Uniform", "Random", "Vanilla"]
 
 
 def test_each_method_declares_what_the_patches_ask() -> None:

@@ -38,12 +38,15 @@ FASTV_PAPER = {"method": "fastv", "fastv_layer": "2", "fastv_ratio_rule": "paper
 VISIONZIP = {"method": "visionzip", "visionzip_dominant": "54", "visionzip_contextual": "10"}
 FASTVID_PAPER = {"method": "fastvid", "fastvid_min_segments": "8", "fastvid_segment_threshold": "0.9",
                  "fastvid_contextual_share": "0.4", "fastvid_anchor_step": "4", "fastvid_merging_factor": "0.6"}
+# PruneVID: tau = 0.8, gamma = 0.25, alpha = 0.4, K = 10 (its cluster ratio follows from R).
+PRUNEVID_PAPER = {"method": "prunevid", "prunevid_threshold": "0.8", "prunevid_segment_ratio": "0.25",
+                  "prunevid_selection_ratio": "0.4", "prunevid_layer": "10"}
 TASKS = "videomme_paper,egoschema_paper,egoschema_subset,longvideobench_val_v_paper,mvbench"
 TASKS_MLVU = "videomme_paper,egoschema_paper,egoschema_subset,longvideobench_val_v_paper,mlvu_test_paper"
 
 # sweep file -> (lmms-eval model, tasks, number of runs, {run name: exact model_args})
 EXPECTED = {
-    "table1_llava_onevision": ("flashvid_llava_onevision", TASKS, 17, {
+    "table1_llava_onevision": ("flashvid_llava_onevision", TASKS, 21, {
         "vanilla": {**OV, **VANILLA},
         "FlashVID retention_ratio=0.1": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.1"},
         "FlashVID retention_ratio=0.25": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.25"},
@@ -51,8 +54,22 @@ EXPECTED = {
         "FastV retention_ratio=0.15": {**OV, **FASTV_PAPER, "retention_ratio": "0.15"},
         "VisionZip retention_ratio=0.2": {**OV, **VISIONZIP, "retention_ratio": "0.2"},
         "VisionZip retention_ratio=0.1": {**OV, **VISIONZIP, "retention_ratio": "0.1"},
+        "PruneVID retention_ratio=0.25": {**OV, **PRUNEVID_PAPER, "retention_ratio": "0.25"},
+        "PruneVID retention_ratio=0.1": {**OV, **PRUNEVID_PAPER, "retention_ratio": "0.1"},
         "FastVID retention_ratio=0.25": {**OV, **FASTVID_PAPER, "retention_ratio": "0.25"},
         "FastVID retention_ratio=0.1": {**OV, **FASTVID_PAPER, "retention_ratio": "0.1"},
+    }),
+    # every method at the same ratios; FastV with the per-layer rule (the suite's default)
+    "baselines": ("flashvid_llava_onevision", TASKS, 33, {
+        "vanilla": {**OV, **VANILLA},
+        "FlashVID retention_ratio=0.2": {**OV, **FLASHVID_LLAVA, "retention_ratio": "0.2"},
+        "FastV retention_ratio=0.1": {**OV, "method": "fastv", "fastv_layer": "2", "retention_ratio": "0.1"},
+        "VisionZip retention_ratio=0.25": {**OV, **VISIONZIP, "retention_ratio": "0.25"},
+        "DivPrune retention_ratio=0.15": {**OV, "method": "divprune", "retention_ratio": "0.15"},
+        "PruneVID retention_ratio=0.2": {**OV, **PRUNEVID_PAPER, "retention_ratio": "0.2"},
+        "FastVID retention_ratio=0.1": {**OV, **FASTVID_PAPER, "retention_ratio": "0.1"},
+        "Uniform retention_ratio=0.25": {**OV, "method": "uniform", "retention_ratio": "0.25"},
+        "Random retention_ratio=0.1": {**OV, "method": "random", "seed": "0", "retention_ratio": "0.1"},
     }),
     "table1_llava_video": ("flashvid_llava_video", TASKS, 9, {
         "vanilla": {**VIDEO, **VANILLA},
@@ -147,7 +164,7 @@ def planned_commands(sweep_name: str, capsys: pytest.CaptureFixture) -> dict[str
 
 
 def test_every_paper_sweep_file_is_covered() -> None:
-    files = {path.stem for path in SWEEPS.glob("*.yaml")} - {"smoke"}
+    files = {path.stem for path in SWEEPS.glob("*.yaml")} - {"smoke", "baselines_smoke"}  # CPU sweeps
     assert files == set(EXPECTED)
 
 

@@ -104,10 +104,16 @@ def frame_budget(num_tokens_per_frame: int, retention_ratio: float) -> int:
 
 @dataclass(frozen=True)
 class LLMPruning:
-    """Visual-token pruning inside the LLM: from layer `pruning_layer` on keep `llm_retention_ratio` of them."""
+    """Visual-token pruning inside the LLM: from layer `pruning_layer` on keep `llm_retention_ratio` of them.
+
+    scoring: what ranks the visual tokens at layer K − 1, i.e. which pruner of `patches.llm_pruning` the patches
+    attach: "last_query" (the last token's attention, averaged over heads: FastV, FlashVID) or "question" (the
+    largest attention any head of any token after the video pays: PruneVID).
+    """
 
     pruning_layer: int
     llm_retention_ratio: float
+    scoring: str = "last_query"
 
 
 @dataclass(frozen=True)

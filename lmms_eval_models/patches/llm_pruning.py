@@ -47,7 +47,15 @@ from torch import nn
 from flashvid_core import llm_keep_positions
 from lmms_eval_models.patches.common import rotate_half
 
-__all__ = ["LLMPruner", "PrefillResult", "attach_llm_pruning", "layer_last_query_attention"]
+__all__ = [
+    "PRUNERS",
+    "LLMPruner",
+    "PrefillResult",
+    "QuestionAttentionPruner",
+    "attach_llm_pruning",
+    "layer_last_query_attention",
+    "layer_question_attention",
+]
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -90,6 +98,55 @@ def layer_last_query_attention(
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return probs.mean(dim=1)[0, 0]
+
+
+def layer_question_attention(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    visual_positions: torch.Tensor,
+    query_chunk: int = 128,
+) -> torch.Tensor:
+    """PruneVID's score of each visual token: the largest softmax attention any head of any question token pays it.
+
+    hidden_states: (1, L, D) the attention module's input; position_embeddings: the layer's rotary (cos, sin);
+    visual_positions: (n,) ascending. The question tokens are the positions after the last visual one (the last
+    position alone when the video ends the sequence). Each query's softmax runs over the keys up to its own
+    position (causal), in float32, cast back to the activations' dtype as eager attention does; queries go in
+    chunks of `query_chunk` so memory stays (H, chunk, L). Returns (L,) in the activations' dtype: the scores at
+    the visual positions, 0 elsewhere.
+    """
+    batch, length, _ = hidden_states.shape
+    scores = torch.zeros(length, dtype=hidden_states.dtype, device=hidden_states.device)
+    if visual_positions.numel() == 0:
+        return scores
+    head_dim = attention.head_dim
+    first_question = min(int(visual_positions[-1]) + 1, length - 1)
+    key = attention.k_proj(hidden_states).view(batch, length, -1, head_dim)
+    if getattr(attention, "k_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
+        key = attention.k_norm(key)
+    cos, sin = _compose_mrope(attention, *position_embeddings)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, L, d)
+    key = key.transpose(1, 2)
+    key = key * cos + rotate_half(key) * sin
+    visual_positions = visual_positions.to(hidden_states.device)
+    best = torch.full((visual_positions.numel(),), float("-inf"), dtype=hidden_states.dtype,
+                      device=hidden_states.device)
+    for start in range(first_question, length, query_chunk):
+        rows = torch.arange(start, min(start + query_chunk, length), device=hidden_states.device)
+        query = attention.q_proj(hidden_states[:, rows]).view(batch, rows.numel(), -1, head_dim)
+        if getattr(attention, "q_norm", None) is not None:
+            query = attention.q_norm(query)
+        query = query.transpose(1, 2)  # (B, H, q, d)
+        query = query * cos[:, :, rows] + rotate_half(query) * sin[:, :, rows]
+        keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query attention
+        logits = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, q, L)
+        future = torch.arange(length, device=rows.device).unsqueeze(0) > rows.unsqueeze(1)  # (q, L) causal
+        logits = logits.masked_fill(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        best = torch.maximum(best, probs[0][..., visual_positions].amax(dim=(0, 1)))
+    scores[visual_positions] = best
+    return scores
 
 
 def _keep_positions(
@@ -330,9 +387,43 @@ class LLMPruner:
         return args, kwargs
 
 
-def attach_llm_pruning(layers: nn.ModuleList, pruning_layer: int, llm_retention_ratio: float) -> LLMPruner | None:
+class QuestionAttentionPruner(LLMPruner):
+    """PruneVID's inner-LLM pruning: `LLMPruner` ranking the visual tokens by the question's attention.
+
+    The same hooks, lifecycle and kept count (all text + the ceil(n · r) top visual tokens from layer K on, the
+    shorter KV cache of layers >= K during decoding); only the score differs: at layer K − 1, the largest softmax
+    attention that any head of any token after the video pays each visual token (`layer_question_attention`),
+    instead of the last token's head-averaged attention. `PrefillResult.last_query_attention` holds that score.
+    """
+
+    def _score_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        result = self._active
+        if result is None or result.last_query_attention is not None:
+            return None
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if hidden_states.shape[0] != 1:
+            raise ValueError(f"inner-LLM pruning supports batch size 1, got {hidden_states.shape[0]}")
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None:
+            raise ValueError("inner-LLM pruning needs the layer's rotary position_embeddings (cos, sin)")
+        with torch.no_grad():
+            result.last_query_attention = layer_question_attention(
+                module, hidden_states, position_embeddings, result.visual_positions
+            )
+        return None
+
+
+# LLMPruning.scoring (lmms_eval_models.methods) -> the pruner that ranks the visual tokens that way.
+PRUNERS: dict[str, type[LLMPruner]] = {"last_query": LLMPruner, "question": QuestionAttentionPruner}
+
+
+def attach_llm_pruning(
+    layers: nn.ModuleList, pruning_layer: int, llm_retention_ratio: float, scoring: str = "last_query"
+) -> LLMPruner | None:
     """Hook inner-LLM pruning onto a decoder-layer stack; None when `pruning_layer` is not inside it (no pruning:
-    the official setting for models with fewer layers than K)."""
+    the official setting for models with fewer layers than K). scoring: a key of `PRUNERS`."""
+    if scoring not in PRUNERS:
+        raise ValueError(f"scoring={scoring!r} is invalid: allowed {', '.join(PRUNERS)}")
     if not 1 <= pruning_layer < len(layers):
         return None
-    return LLMPruner(layers, pruning_layer, llm_retention_ratio)
+    return PRUNERS[scoring](layers, pruning_layer, llm_retention_ratio)

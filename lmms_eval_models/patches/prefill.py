@@ -272,9 +272,10 @@ class InLLMPruner(Protocol):
 def attach_pruner(layers: nn.ModuleList, plan: MethodPlan) -> InLLMPruner | None:
     """The in-LLM pruner the method plan asks for on these decoder layers; None for no pruning (FlashVID with K
     beyond the LLM, as the official code, and the methods without inner pruning)."""
-    if plan.llm_pruning is None:
+    pruning = plan.llm_pruning
+    if pruning is None:
         return None
-    return attach_llm_pruning(layers, plan.llm_pruning.pruning_layer, plan.llm_pruning.llm_retention_ratio)
+    return attach_llm_pruning(layers, pruning.pruning_layer, pruning.llm_retention_ratio, pruning.scoring)
 
 
 # ------------------------------------------------------------------------------------------- the statistic

@@ -7,10 +7,10 @@ Public API (also reached through `lmms_eval_models.patches.apply_flashvid` / `re
     remove(model) -> model             # the instance is stock again
 
 `method` (keyword; default "flashvid" with a config, "none" without): any method of the registry
-`lmms_eval_models.methods` (flashvid, fastv, visionzip, divprune, fastvid, uniform, random, none), run through the
+`lmms_eval_models.methods` (`methods.registry.method_names()`), run through the
 same plumbing at `config.retention_ratio`: the pre-LLM methods on the merged-token grid (grid_thw[1] / 2,
-grid_thw[2] / 2) in raster order; FastV and FlashVID prune inside the LLM as `llm_pruning_plan` says (FastV over
-all of the video's rows); "none" keeps every token. `baseline_options`: a mapping of `MethodSettings` fields
+grid_thw[2] / 2) in raster order; FastV, FlashVID and PruneVID prune inside the LLM as `llm_pruning_plan` says
+(FastV over all of the video's rows); "none" keeps every token. `baseline_options`: a mapping of `MethodSettings` fields
 (typed or strings). An unknown method or option raises ValueError at apply time, before the model is touched.
 
 Only this instance changes (spec section 7): its class becomes a `FlashVID` subclass whose forward compresses the
