@@ -116,8 +116,9 @@ def segment_products(
     """The selection's distances and TSTM's similarities, segment by segment (see SegmentProducts).
 
     Workspaces, each the size of the longest segment: the float32 unit-norm features (selection, and TSTM for
-    float32 features), a float32 copy of the segment (other dtypes, with selection) and the unit-norm features in
-    the input dtype (TSTM for other dtypes: its similarities are formed in the features' dtype).
+    float32 features; for other dtypes a float32 copy of the segment, normalised in place once event relevance has
+    read it) and the unit-norm features in the input dtype (TSTM for other dtypes: its similarities are formed in
+    the features' dtype).
     """
     num_frames, num_tokens, dim = features.shape
     float32_input = features.dtype == torch.float32
@@ -126,11 +127,9 @@ def segment_products(
     square = (num_tokens, num_tokens)
     distances = features.new_empty((num_frames, *square), dtype=torch.float32) if diversity else None
     similarities = features.new_full((num_frames - 1, *square), -1.0) if tstm else None
-    unit32 = copy32 = unit_native = None
+    unit32 = unit_native = None
     if diversity or (tstm and float32_input):
         unit32 = features.new_empty((longest, num_tokens, dim), dtype=torch.float32)
-    if diversity and not float32_input:
-        copy32 = torch.empty_like(unit32)
     if tstm and not float32_input:
         unit_native = features.new_empty((longest, num_tokens, dim))
     start = 0
@@ -140,18 +139,18 @@ def segment_products(
         if length == 0:
             continue
         segment = features[frames]
-        segment32 = segment if float32_input else (copy32[:length].copy_(segment) if copy32 is not None else None)
         normalized32 = None
         if unit32 is not None:
-            normalized32 = unit_norm(segment32 if segment32 is not None else segment, out=unit32[:length])
-        if distances is not None:
+            segment32 = segment if float32_input else unit32[:length].copy_(segment)
             relevance = None
-            if method in RELEVANCE_METHODS:
+            if distances is not None and method in RELEVANCE_METHODS:
                 # A fresh (L, D) tensor, as the official code's: the product's operands sit where its do.
                 means = frame_means[frames].clone() if frame_means is not None else segment32.mean(dim=1)
                 relevance = segment_relevance(segment32, means)
-            distances[frames] = calibrated_distances(segment32, attention[frames], method, normalized=normalized32,
-                                                     relevance=relevance)
+            normalized32 = unit_norm(segment32, out=unit32[:length])
+            if distances is not None:  # (the features are only read through their unit-norm form and relevance)
+                distances[frames] = calibrated_distances(normalized32, attention[frames], method,
+                                                         normalized=normalized32, relevance=relevance)
         if similarities is not None and length > 1:
             normalized = normalized32 if float32_input else unit_norm(segment, out=unit_native[:length])
             similarities[frames.start : frames.stop - 1] = previous_frame_similarities(normalized)
