@@ -126,7 +126,11 @@ def segment_products(
     longest = max(plan.segment_lengths)
     square = (num_tokens, num_tokens)
     distances = features.new_empty((num_frames, *square), dtype=torch.float32) if diversity else None
-    similarities = features.new_full((num_frames - 1, *square), -1.0) if tstm else None
+    similarities = None
+    if tstm:  # pairs across a cut are never formed: -1
+        similarities = features.new_empty((num_frames - 1, *square))
+        cut_rows = [start - 1 for start in prefix_sums(plan.segment_lengths)[1:] if 0 < start < num_frames]
+        similarities[cut_rows] = -1.0
     unit32 = unit_native = None
     if diversity or (tstm and float32_input):
         unit32 = features.new_empty((longest, num_tokens, dim), dtype=torch.float32)
@@ -328,3 +332,12 @@ def ragged_slots(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
     row_start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(total, device=counts.device) - row_start[owner]
     return owner, slot
+
+
+def prefix_sums(values: list[int]) -> list[int]:
+    """[0, v0, v0 + v1, ...]: where each entry starts when they are laid end to end (len(values) entries)."""
+    starts, running = [], 0
+    for value in values:
+        starts.append(running)
+        running += value
+    return starts

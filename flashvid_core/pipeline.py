@@ -19,7 +19,7 @@ from ._transfer import int_tensors
 from .backend import Backend, fast_path, use_backend
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
-from .eager_stage import PassedTokens, RootValues, eager_stage, gather_passed, ragged_slots
+from .eager_stage import PassedTokens, RootValues, eager_stage, gather_passed, prefix_sums, ragged_slots
 from .segmentation import frame_descriptors, lengths_from_cuts, transition_cuts
 
 # DPC-kNN pads the frames of one batch to the batch's largest; a batch holds at most this many padded points
@@ -296,7 +296,7 @@ def _cluster_passed(
     dpc_frames = [f for f in range(num_frames) if clustered[f]]
     pass_frames = [f for f in range(num_frames) if not clustered[f]]
     per_frame_out = [clusters[f] if clustered[f] else passed_counts[f] for f in range(num_frames)]
-    row_start = _prefix_sums(passed_counts)
+    row_start = prefix_sums(passed_counts)
 
     # Tie-breaker draws in call order (segment order, then frame order = frame order).
     draw_sizes = [passed_counts[f] for f in dpc_frames]
@@ -308,7 +308,7 @@ def _cluster_passed(
             )
     else:
         noise_flat = draw_density_noise(draw_sizes, device, generator)
-    noise_offset = dict(zip(dpc_frames, _prefix_sums(draw_sizes)))
+    noise_offset = dict(zip(dpc_frames, prefix_sums(draw_sizes)))
 
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
@@ -333,15 +333,6 @@ def _cluster_passed(
         per_segment.append(sum(per_frame_out[offset : offset + length]))
         offset += length
     return pieces_tokens, pieces_indices, per_segment
-
-
-def _prefix_sums(values: list[int]) -> list[int]:
-    """[0, v0, v0 + v1, ...]: where each entry starts when they are laid end to end (len(values) entries)."""
-    starts, running = [], 0
-    for value in values:
-        starts.append(running)
-        running += value
-    return starts
 
 
 def _dpc_batches(frames: list[int], counts: list[int]) -> list[list[int]]:

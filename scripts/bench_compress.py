@@ -450,6 +450,8 @@ def main() -> None:
     side.add_argument("--retention-ratios", type=float, nargs="+", default=[0.1, 0.25], help="one row each")
     side.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
                       help="input dtypes, one row each")
+    side.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads for the timed calls (default: torch's own, one per usable CPU)")
     side.add_argument("--no-memory", action="store_true",
                       help="skip the peak resident memory (two fresh subprocesses per row)")
     side.add_argument("--peak-rss-child", choices=["ours", "official"], default=None, help=argparse.SUPPRESS)
@@ -460,6 +462,8 @@ def main() -> None:
         print(json.dumps(measure_peak_rss(fn, args.shapes[0], DTYPES[args.dtypes[0]], config)))
         return
     if args.official_root is not None:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         sys.exit(side_by_side(args))
     config = fc.FlashVIDConfig()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; config: {config}")
