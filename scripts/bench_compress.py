@@ -420,9 +420,10 @@ def side_by_side(args: argparse.Namespace) -> int:
                         call = partial(_fresh_inputs_call, fn, features, attention, config)
                         profile_call(call, device == "cuda",
                                      Path(args.profile) / f"{name}_{shape}_r{ratio}_{dtype_name}.json")
+    oracle_note = "" if args.no_loop else f"; oracle = the loop-style implementation (median of {args.loop_runs})"
+    memory_note = "" if args.no_memory else "; peak = resident high-water mark of one call in a fresh process (call: above the inputs)"
     print(f"medians of {args.pairs} alternating pairs after {args.warmup} untimed; official/ours = median of the "
-          f"pairwise ratios; oracle = the loop-style implementation (median of {args.loop_runs}); peak = resident "
-          "high-water mark of one call in a fresh process (call: above the inputs)")
+          f"pairwise ratios{oracle_note}{memory_note}")
     print(machine_line())
     return 0 if all_same else 1
 
