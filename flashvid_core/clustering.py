@@ -59,8 +59,11 @@ def self_cdist(points: Tensor) -> Tensor:
     right = torch.empty(batch, num_points, dim + 2, dtype=torch.float32, device=points.device)
     x = right[..., :dim]
     x.copy_(points)
-    norm = x.pow(2).sum(-1)  # pow of the strided view is a contiguous tensor: the same sums as on a plain copy
     left = torch.empty_like(right)
+    # The squares go to the left operand's slots first (no temporary): row sums over the strided view are the sums
+    # torch.cdist forms over its contiguous x.pow(2) (tested bit for bit).
+    squares = torch.mul(x, x, out=left[..., :dim])
+    norm = squares.sum(-1)
     torch.mul(x, -2, out=left[..., :dim])
     left[..., dim] = norm
     left[..., dim + 1] = 1.0

@@ -69,16 +69,33 @@ def temporal_parents(
     spatial_window: opt-in, parents only within that neighbourhood (see spatial_window_mask); None = anywhere.
     normalized: optional precomputed features / their L2 norm in the input dtype.
     """
-    num_frames, num_tokens, _ = features.shape
-    max_sim = torch.full((num_frames, num_tokens), -1.0, dtype=features.dtype, device=features.device)
-    parent = torch.zeros(num_frames, num_tokens, dtype=torch.long, device=features.device)
+    num_tokens = features.shape[1]
+    if features.shape[0] < 2:
+        return parents_from_similarities(features.new_empty(0, num_tokens, num_tokens), selected, segment_starts)
+    normed = normalized if normalized is not None else features / features.norm(p=2, dim=-1, keepdim=True)
+    return parents_from_similarities(previous_frame_similarities(normed), selected, segment_starts, spatial_window)
+
+
+def previous_frame_similarities(normalized: Tensor) -> Tensor:
+    """Cosine similarities between consecutive frames: normalized (F, N, D) unit-norm features -> (F - 1, N, N),
+    [t - 1, n, m] compares token n of frame t with token m of frame t - 1, in the input dtype."""
+    return torch.bmm(normalized[1:], normalized[:-1].transpose(-1, -2))
+
+
+def parents_from_similarities(
+    similarity: Tensor, selected: Tensor, segment_starts: Tensor, spatial_window: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """`temporal_parents` from the consecutive-frame similarities (F - 1, N, N) (see previous_frame_similarities;
+    the values in the rows of frames that start a segment are ignored). selected (F, N) bool, segment_starts (F,)
+    bool. Returns max_sim (F, N) in the similarities' dtype and parent (F, N) int64."""
+    num_frames, num_tokens = selected.shape
+    max_sim = torch.full((num_frames, num_tokens), -1.0, dtype=similarity.dtype, device=similarity.device)
+    parent = torch.zeros(num_frames, num_tokens, dtype=torch.long, device=similarity.device)
     if num_frames < 2:
         return max_sim, parent
-    normed = normalized if normalized is not None else features / features.norm(p=2, dim=-1, keepdim=True)
-    similarity = torch.bmm(normed[1:], normed[:-1].transpose(-1, -2))  # [t-1, n, m]: token n of t vs m of t-1
     excluded = selected[1:].unsqueeze(-1) | selected[:-1].unsqueeze(1)
     if spatial_window is not None:
-        excluded = excluded | ~spatial_window_mask(num_tokens, spatial_window, features.device)
+        excluded = excluded | ~spatial_window_mask(num_tokens, spatial_window, similarity.device)
     similarity = similarity.masked_fill(excluded, -1.0)
     best, best_index = similarity.max(dim=-1)
     first = segment_starts[1:].unsqueeze(-1)
@@ -263,9 +280,24 @@ def index_sum(values: Tensor, index: Tensor, num_rows: int) -> Tensor:
     """zeros(num_rows, D).index_add_(0, index, values) on CPU; fixed_order_index_sum on CUDA (deterministic)."""
     if values.is_cuda or current_backend().fixed_order_sums_on_cpu:
         return fixed_order_index_sum(values, index, num_rows)
+    if values.dim() == 2 and values.dtype == torch.float32:
+        return row_sums(values, torch.arange(values.shape[0], device=values.device), index, num_rows)
     return torch.zeros(num_rows, *values.shape[1:], dtype=values.dtype, device=values.device).index_add_(
         0, index, values
     )
+
+
+def row_sums(table: Tensor, rows: Tensor, owner: Tensor, num_sums: int) -> Tensor:
+    """out[k] = the sum of table[rows[i]] over the i with owner[i] == k, added to zero in ascending i: (num_sums, D).
+
+    table (R, D) float32; rows, owner (P,) int64 (owner in [0, num_sums)). The additions and their order are those
+    of zeros(num_sums, D).index_add_(0, owner, table[rows]) on the CPU, whose scatter form costs several times more:
+    here each sum is one bag of an embedding_bag, read straight from the table.
+    """
+    order = torch.argsort(owner, stable=True)
+    sizes = torch.bincount(owner, minlength=num_sums)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    return torch.nn.functional.embedding_bag(rows[order], table, offsets, mode="sum")
 
 
 def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tensor:
@@ -278,6 +310,75 @@ def tree_roots(merged: Tensor, parent: Tensor, max_segment_length: int) -> Tenso
     for _ in range(max(math.ceil(math.log2(max(max_segment_length, 1))), 0)):
         pointer = pointer[pointer]
     return pointer
+
+
+def direct_child_counts(merged: Tensor, parent: Tensor) -> Tensor:
+    """(F * N,) int64: the number of tokens of frame t + 1 merged into each token of frame t. merged, parent (F, N)."""
+    num_frames, num_tokens = merged.shape
+    frame = torch.arange(num_frames, device=merged.device).unsqueeze(-1)
+    parent_global = ((frame - 1) * num_tokens + parent)[merged]
+    return torch.bincount(parent_global, minlength=num_frames * num_tokens)
+
+
+def bag_layout(roots_of: Tensor, passed_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The trees of the passed-on roots as bags for `row_sums`. roots_of (F * N,) (see tree_roots); passed_index
+    (P,) ascending global indices of roots. Returns members (M,) global indices, each tree's in ascending index order
+    (its root first: merged tokens lie in later frames), trees in passed_index order; bag_start and bag_size (P,)."""
+    slot_of = torch.full_like(roots_of, -1)
+    slot_of[passed_index] = torch.arange(passed_index.numel(), device=roots_of.device)
+    in_tree = torch.nonzero(slot_of[roots_of] >= 0).flatten()
+    owner = slot_of[roots_of[in_tree]]
+    members = in_tree[torch.argsort(owner, stable=True)]
+    bag_size = torch.bincount(owner, minlength=passed_index.numel())
+    return members, torch.cumsum(bag_size, 0) - bag_size, bag_size
+
+
+def walked_root_increments(features: Tensor, merged: Tensor, parent: Tensor, segment_lengths: list[int]
+                           ) -> tuple[Tensor, Tensor]:
+    """The official frame-by-frame TSTM sums, in the input dtype, touching only the merged tokens and their parents.
+
+    features (F, N, D); merged, parent (F, N); segment_lengths: host-side, summing to F. A token's running value is
+    its feature plus the sum of its direct children's running values, that sum formed in float32 in child order and
+    rounded to the input dtype, then added in the input dtype (the official frame step: a one-hot product, then
+    +=). `stepwise_tree_sums` forms the same sums with an (N, N) one-hot product per frame over a copy of all
+    tokens (equal wherever float32 holds the children's sum exactly, as it does unless their values lie about 2^16
+    apart). Segments are walked side by side: step s adds frame L - s of every segment longer than s into frame
+    L - s - 1. Returns root_index (I,) global indices of the roots that have children and their children's sums
+    (I, D) in the input dtype (a root's running value is its feature + that sum, rounded).
+    """
+    num_frames, num_tokens, dim = features.shape
+    device, dtype = features.device, features.dtype
+    flat = features.reshape(num_frames * num_tokens, dim)
+    merged_flat = merged.flatten()
+    frame = torch.arange(num_frames, device=device).unsqueeze(-1)
+    parent_global = ((frame - 1) * num_tokens + parent).flatten()
+    # The step at which each frame is a child frame: L - (position in its segment); merged tokens sorted by step.
+    (step_of_frame,) = int_tensors(device, [length - position for length in segment_lengths
+                                            for position in range(length)])
+    merged_index = torch.nonzero(merged_flat).flatten()
+    merged_step = step_of_frame[merged_index // num_tokens]
+    merged_index = merged_index[torch.argsort(merged_step, stable=True)]
+    num_steps = max(segment_lengths, default=1) - 1
+    step_sizes: list[int] = torch.bincount(merged_step, minlength=num_steps + 1).tolist()
+    carry_index = torch.zeros(0, dtype=torch.long, device=device)  # tokens of this step's child frames with children
+    carry = features.new_zeros(0, dim)  # their children's sums, in the input dtype
+    root_index: list[Tensor] = []
+    root_sums: list[Tensor] = []
+    offset = 0
+    for step in range(1, num_steps + 1):
+        children = merged_index[offset : offset + step_sizes[step]]
+        offset += step_sizes[step]
+        carried_child = merged_flat[carry_index]
+        root_index.append(carry_index[~carried_child])
+        root_sums.append(carry[~carried_child])
+        values = flat.index_select(0, children)
+        position = torch.searchsorted(children, carry_index[carried_child])
+        values[position] = values[position] + carry[carried_child]
+        carry_index, inverse = torch.unique(parent_global[children], sorted=True, return_inverse=True)
+        carry = index_sum(values.float(), inverse, carry_index.numel()).to(dtype)
+    root_index.append(carry_index)  # the segments' first frames: roots only
+    root_sums.append(carry)
+    return torch.cat(root_index), torch.cat(root_sums)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """`compress`: FlashVID's vision-side compression of a whole video (spec sections 1-6).
 
 Stages: budgets (host arithmetic) -> DySeg segment lengths and the input check (one or two small device reads) ->
-token selection for all frames at once -> TSTM for all multi-frame segments at once -> per-frame cluster counts
-(one device sync) -> DPC-kNN for all frames that need it, padded into at most two batches -> output ordered by
+selection and TSTM (`eager_stage`: the matrix products segment by segment, the greedy selection and the merge
+decisions for all frames at once; or, on CUDA, the accel layer's fixed-shape stage) -> per-frame cluster counts
+(one device sync) -> DPC-kNN for the frames that need it, in padded batches of similar sizes -> output ordered by
 global index f * N + n.
 """
 
@@ -18,9 +19,13 @@ from ._transfer import int_tensors
 from .backend import Backend, fast_path, use_backend
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
-from .merging import frame_layout, spatiotemporal_merge
-from .segmentation import lengths_from_cuts, transition_cuts
-from .selection import select_tokens
+from .eager_stage import PassedTokens, RootValues, eager_stage, gather_passed, prefix_sums, ragged_slots
+from .segmentation import frame_descriptors, lengths_from_cuts, transition_cuts
+
+# DPC-kNN pads the frames of one batch to the batch's largest; a batch holds at most this many padded points
+# (with D = 3584 about 8 MB per float32 operand), so its temporaries stay small.
+DPC_BATCH_POINTS = 600
+DPC_BATCH_FILL = 0.9
 
 
 @dataclass(frozen=True)
@@ -70,16 +75,6 @@ class VideoPlan:
         return max(self.segment_lengths) > 1
 
 
-@dataclass(frozen=True)
-class PassedTokens:
-    """The tokens TSTM passes on to DPC-kNN: their values, token_order (F, N) (each frame's passed tokens first,
-    in index order) and passed_counts (F,) on the device."""
-
-    values: _RootValues
-    token_order: Tensor
-    passed_counts: Tensor
-
-
 def validate_inputs(features: Tensor, attention: Tensor, check_finite: bool = True) -> None:
     """Raise ValueError unless features is (F, N, D) and attention (F, N), floating, finite, F, N, D >= 1."""
     if not isinstance(features, Tensor) or not isinstance(attention, Tensor):
@@ -105,13 +100,12 @@ def validate_inputs(features: Tensor, attention: Tensor, check_finite: bool = Tr
     if features.device != attention.device:
         raise ValueError(f"features ({features.device}) and attention ({attention.device}) are on different devices")
     if check_finite:
-        _raise_unless_finite(_finite_flags(features, attention).tolist())
+        _raise_unless_finite(_finite_flags(features.mean(dim=1, dtype=torch.float32), attention).tolist())
 
 
-def _finite_flags(features: Tensor, attention: Tensor) -> Tensor:
-    """(2,) bool on the device, nothing read: features finite, attention finite."""
-    # Any NaN or inf reaches its frame's mean (one reduction instead of an elementwise pass over features).
-    frame_means = features.mean(dim=1, dtype=torch.float32)
+def _finite_flags(frame_means: Tensor, attention: Tensor) -> Tensor:
+    """(2,) bool on the device, nothing read: features finite (from their frames' means (F, D): any NaN or inf
+    reaches its frame's mean, so no elementwise pass is needed), attention finite."""
     return torch.stack([torch.isfinite(frame_means).all(), torch.isfinite(attention).all()])
 
 
@@ -124,23 +118,28 @@ def _raise_unless_finite(flags: list[bool]) -> None:
 
 def _checked_segment_lengths(
     features: Tensor, attention: Tensor, config: FlashVIDConfig, check_finite: bool
-) -> list[int]:
+) -> tuple[list[int], Tensor | None]:
     """DySeg's segment lengths (`video_segment_lengths`), with the inputs' finiteness check in the same device read:
-    one read instead of two (a second only for complementary cuts). Raises ValueError on NaN or inf."""
+    one read instead of two (a second only for complementary cuts). Raises ValueError on NaN or inf.
+
+    DySeg's frame descriptors (the frames' mean tokens, in the input dtype) serve the check too: one pass over the
+    features. Also returns them (F, D) for float32 features, where event relevance uses the same means, else None.
+    """
+    frame_means = frame_descriptors(features) if config.do_segment or check_finite else None
+    reusable_means = frame_means if features.dtype == torch.float32 else None
     if not config.do_segment:
         if check_finite:
-            _raise_unless_finite(_finite_flags(features, attention).tolist())
-        return [features.shape[0]]
-    similarities, is_cut = transition_cuts(features.mean(dim=1), config.segment_threshold)
+            _raise_unless_finite(_finite_flags(frame_means, attention).tolist())
+        return [features.shape[0]], reusable_means
+    similarities, is_cut = transition_cuts(frame_means, config.segment_threshold)
     flags: list[bool] = (
-        torch.cat([_finite_flags(features, attention), is_cut]).tolist() if check_finite else is_cut.tolist()
+        torch.cat([_finite_flags(frame_means, attention), is_cut]).tolist() if check_finite else is_cut.tolist()
     )
     if check_finite:
         _raise_unless_finite(flags[:2])
         flags = flags[2:]
-    return lengths_from_cuts(
-        similarities, is_cut, flags, config.min_segment_num, config.complementary_segment
-    )
+    lengths = lengths_from_cuts(similarities, is_cut, flags, config.min_segment_num, config.complementary_segment)
+    return lengths, reusable_means
 
 
 def _cluster_counts(num_merged: int, segment_lengths: list[int], passed_counts: list[int]) -> tuple[list[float], list[int]]:
@@ -201,53 +200,24 @@ def compress(
         )
     # num_merged > 0 needs alpha < 1, and FlashVIDConfig refuses alpha < 1 with temporal_threshold >= 1.
 
-    segment_lengths = _checked_segment_lengths(features, attention, config, check_finite)
-    return _compress(features, attention,
-                     VideoPlan(config, tuple(segment_lengths), num_selected, num_merged, generator, dpc_noise))
+    segment_lengths, frame_means = _checked_segment_lengths(features, attention, config, check_finite)
+    plan = VideoPlan(config, tuple(segment_lengths), num_selected, num_merged, generator, dpc_noise)
+    return _compress(features, attention, plan, frame_means)
 
 
-def _compress(features: Tensor, attention: Tensor, plan: VideoPlan) -> Compression:
-    """Select, merge, cluster and assemble one video (segments already cut): the eager path, or the accel
-    layer's CUDA stage up to the passed-on tokens where it applies."""
-    num_frames, num_tokens, _ = features.shape
-    device = features.device
-    config, segment_lengths = plan.config, list(plan.segment_lengths)
-    num_selected, num_merged = plan.num_selected, plan.num_merged
-    frame_arange = torch.arange(num_frames, device=device)
-
+def _compress(features: Tensor, attention: Tensor, plan: VideoPlan, frame_means: Tensor | None = None) -> Compression:
+    """Select, merge, cluster and assemble one video (segments already cut): the eager stage, or the accel
+    layer's CUDA stage up to the passed-on tokens where it applies. frame_means: see eager_stage."""
     fast_stage = fast_path("compress_stage") if plan.budget > 0 and features.is_cuda else None
     if fast_stage is not None:
         stage = fast_stage(features, attention, plan)
         if stage is not None:
             passed = None
-            if num_merged > 0:
-                passed = PassedTokens(_RootValues(stage.sums, stage.counts, features.dtype), stage.token_order,
-                                      stage.passed_counts)
+            if plan.num_merged > 0:
+                values = RootValues(stage.sums, stage.counts, features.dtype)
+                passed = gather_passed(values, stage.token_order, stage.passed_counts)
             return _finish(features, stage.keep, passed, plan)
-    # Token selection for every frame at once (event relevance is per segment).
-    selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=device)
-    # One float32 copy serves selection distances and TSTM sums (a no-op for float32 inputs); for float32 inputs
-    # selection and TSTM normalise identically, so the unit-norm features are computed once.
-    features_float32 = features.float()
-    normalized = None
-    if features.dtype == torch.float32 and num_selected > 0 and num_merged > 0 and max(segment_lengths) > 1:
-        normalized = features / features.norm(p=2, dim=-1, keepdim=True)
-    keep = None
-    if num_selected > 0:
-        keep = select_tokens(
-            features_float32,
-            attention,
-            num_selected,
-            config.token_selection_method,
-            segment_lengths,
-            forbid_repick=True if config.adts_forbid_repick else None,
-            normalized=normalized,
-        )  # (F, K)
-        selected[frame_arange.unsqueeze(-1), keep] = True
-    passed = None
-    if num_merged > 0:
-        passed = _passed_tokens(features, features_float32, normalized, selected, segment_lengths, config,
-                                plan.budget)
+    keep, passed = eager_stage(features, attention, plan, frame_means)
     return _finish(features, keep, passed, plan)
 
 
@@ -258,29 +228,20 @@ def _finish(features: Tensor, keep: Tensor | None, passed: PassedTokens | None, 
     num_frames, num_tokens, dim = features.shape
     device = features.device
     segment_lengths, num_selected, num_merged = list(plan.segment_lengths), plan.num_selected, plan.num_merged
-    pieces_tokens: list[Tensor] = []
-    pieces_indices: list[Tensor] = []
+    selected_index = torch.zeros(0, dtype=torch.long, device=device)
     if keep is not None:
-        frame_arange = torch.arange(num_frames, device=device)
-        pieces_tokens.append(features[frame_arange.unsqueeze(-1), keep].reshape(-1, dim))
-        pieces_indices.append((frame_arange.unsqueeze(-1) * num_tokens + keep).reshape(-1))
+        selected_index = (torch.arange(num_frames, device=device).unsqueeze(-1) * num_tokens + keep).flatten()
+    pieces_tokens: list[Tensor] = []
+    pieces_indices: list[Tensor] = [selected_index]
     segment_num_tokens = [num_selected * length for length in segment_lengths]
     if passed is not None:
-        counts: list[int] = passed.passed_counts.tolist()  # the device read: cluster counts are host arithmetic
         cluster_tokens, cluster_indices, per_segment = _cluster_passed(
-            passed.values, passed.token_order, counts, segment_lengths, num_merged, plan.generator, plan.dpc_noise
+            passed, num_tokens, segment_lengths, num_merged, plan.generator, plan.dpc_noise
         )
         pieces_tokens.extend(cluster_tokens)
         pieces_indices.extend(cluster_indices)
         segment_num_tokens = [a + b for a, b in zip(segment_num_tokens, per_segment)]
-    if pieces_indices:
-        all_indices = torch.cat(pieces_indices)
-        all_tokens = torch.cat(pieces_tokens)
-        order = torch.argsort(all_indices, stable=True)
-        tokens, indices = all_tokens[order], all_indices[order]
-    else:
-        tokens = features.new_zeros(0, dim)
-        indices = torch.zeros(0, dtype=torch.long, device=device)
+    tokens, indices = _in_index_order(features.reshape(num_frames * num_tokens, dim), pieces_indices, pieces_tokens)
     segment_info = int_tensors(device, segment_lengths, segment_num_tokens)
     return Compression(
         tokens=tokens,
@@ -293,62 +254,41 @@ def _finish(features: Tensor, keep: Tensor | None, passed: PassedTokens | None, 
     )
 
 
-def _passed_tokens(
-    features: Tensor,
-    features_float32: Tensor,
-    normalized: Tensor | None,
-    selected: Tensor,
-    segment_lengths: list[int],
-    config: FlashVIDConfig,
-    budget: int,
-) -> PassedTokens:
-    """TSTM: the tokens each frame passes on to DPC-kNN."""
-    num_frames, num_tokens, _ = features.shape
-    device, dtype = features.device, features.dtype
-    layout = frame_layout(segment_lengths, device)  # one transfer, shared with TSTM
-    single_frame = layout[2] == 1  # (F,) a one-frame segment passes ALL its tokens on (selected included)
+def _in_index_order(flat: Tensor, pieces_indices: list[Tensor], pieces_tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """All output tokens ordered by global index (a stable sort: the selected tokens first among equal indices).
 
-    if max(segment_lengths) > 1:
-        tree = spatiotemporal_merge(
-            features,
-            selected,
-            segment_lengths,
-            config.temporal_threshold,
-            budget,
-            max_depth=config.tstm_max_depth,
-            max_breadth=config.tstm_max_breadth,
-            spatial_window=config.tstm_spatial_window,
-            true_mean=config.tstm_true_mean,
-            features_float32=features_float32,
-            normalized=normalized,
-            # The float32 copy is ours (not the caller's features) and selection is done with it.
-            reuse_features_float32=features.dtype != torch.float32,
-            float32_sums=config.tstm_float32_sums,
-            layout=layout,
-        )
-        passed = torch.where(single_frame.unsqueeze(-1), True, ~tree.merged & ~selected)
-        values = _RootValues(tree.sums, tree.counts, dtype)
-    else:
-        passed = torch.ones(num_frames, num_tokens, dtype=torch.bool, device=device)
-        values = _RootValues(features, None, dtype)
-    # Per frame, the passed-on tokens first, in index order (a stable sort of the "not passed" flags).
-    token_order = torch.argsort((~passed).to(torch.int8), dim=-1, stable=True)  # (F, N)
-    return PassedTokens(values, token_order, passed.sum(dim=-1))
+    flat: (F * N, D) the features; pieces_indices: global indices, the selected tokens' first (their values are
+    flat's rows), then one piece per entry of pieces_tokens (their values). Returns tokens (M, D) and indices (M,).
+    The tokens are written straight to their places: the selected ones by one gather (the places of the others
+    gather row 0 first), the others copied in, so the output is the only (M, D) allocation.
+    """
+    all_indices = torch.cat(pieces_indices)
+    order = torch.argsort(all_indices, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    num_selected = pieces_indices[0].numel()
+    source_rows = torch.zeros_like(all_indices)
+    source_rows[position[:num_selected]] = pieces_indices[0]
+    tokens = flat.index_select(0, source_rows)
+    offset = num_selected
+    for piece in pieces_tokens:
+        tokens.index_copy_(0, position[offset : offset + piece.shape[0]], piece)
+        offset += piece.shape[0]
+    return tokens, all_indices[order]
 
 
 def _cluster_passed(
-    values: _RootValues,
-    token_order: Tensor,
-    passed_counts: list[int],
+    passed: PassedTokens,
+    num_tokens: int,
     segment_lengths: list[int],
     num_merged: int,
     generator: torch.Generator | None,
     dpc_noise: Tensor | None,
 ) -> tuple[list[Tensor], list[Tensor], list[int]]:
-    """Per-frame DPC-kNN of the passed-on tokens (token_order (F, N): each frame's passed tokens first, their
-    counts on the host). Returns token pieces, index pieces and tokens per segment."""
-    num_frames, num_tokens = token_order.shape
-    device, dtype = token_order.device, values.dtype
+    """Per-frame DPC-kNN of the passed-on tokens. Returns token pieces, index pieces and tokens per segment."""
+    device = passed.token_index.device
+    passed_counts = passed.counts
+    num_frames = len(passed_counts)
     ratios, clusters = _cluster_counts(num_merged, segment_lengths, passed_counts)
     frame_ratio = [ratio for ratio, length in zip(ratios, segment_lengths) for _ in range(length)]
     # Official rule: cluster a frame when it gets clusters and the ratio is below 1; else pass its tokens on.
@@ -356,6 +296,7 @@ def _cluster_passed(
     dpc_frames = [f for f in range(num_frames) if clustered[f]]
     pass_frames = [f for f in range(num_frames) if not clustered[f]]
     per_frame_out = [clusters[f] if clustered[f] else passed_counts[f] for f in range(num_frames)]
+    row_start = prefix_sums(passed_counts)
 
     # Tie-breaker draws in call order (segment order, then frame order = frame order).
     draw_sizes = [passed_counts[f] for f in dpc_frames]
@@ -367,32 +308,24 @@ def _cluster_passed(
             )
     else:
         noise_flat = draw_density_noise(draw_sizes, device, generator)
-    noise_offset: dict[int, int] = {}
-    running = 0
-    for frame, size in zip(dpc_frames, draw_sizes):
-        noise_offset[frame] = running
-        running += size
+    noise_offset = dict(zip(dpc_frames, prefix_sums(draw_sizes)))
 
     pieces_tokens: list[Tensor] = []
     pieces_indices: list[Tensor] = []
-    small = [f for f in dpc_frames if passed_counts[f] <= CDIST_DIRECT_MAX_POINTS]
-    large = [f for f in dpc_frames if passed_counts[f] > CDIST_DIRECT_MAX_POINTS]
-    for group in (small, large):
-        if not group:
-            continue
+    for batch in _dpc_batches(dpc_frames, passed_counts):
         tokens, indices = _cluster_frames(
-            values, token_order, group, passed_counts, clusters, noise_flat, noise_offset, num_tokens
+            passed, batch, row_start, clusters, noise_flat, [noise_offset[f] for f in batch], num_tokens
         )
-        pieces_tokens.append(tokens.to(dtype))
+        pieces_tokens.append(tokens)
         pieces_indices.append(indices)
     if pass_frames:
         # Flat positions of the passed tokens from per-frame counts (no boolean-mask indexing, which would sync).
-        pass_index, pass_counts = int_tensors(device, pass_frames, [passed_counts[f] for f in pass_frames])
-        owner, slots = _ragged_slots(pass_counts, sum(passed_counts[f] for f in pass_frames))
-        rows = pass_index[owner]
-        cols = token_order[rows, slots]
-        pieces_tokens.append(values.gather(rows, cols).to(dtype))
-        pieces_indices.append(rows * num_tokens + cols)
+        frame_index, starts, counts = int_tensors(device, pass_frames, [row_start[f] for f in pass_frames],
+                                                  [passed_counts[f] for f in pass_frames])
+        owner, slots = ragged_slots(counts, sum(passed_counts[f] for f in pass_frames))
+        rows = starts[owner] + slots
+        pieces_tokens.append(passed.values(rows))
+        pieces_indices.append(frame_index[owner] * num_tokens + passed.token_index[rows])
 
     per_segment: list[int] = []
     offset = 0
@@ -402,67 +335,56 @@ def _cluster_passed(
     return pieces_tokens, pieces_indices, per_segment
 
 
-def _ragged_slots(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
-    """For counts (R,) int64 on the device summing to total (a host int): owner (total,), the row each slot
-    belongs to, and slot (total,), its position 0..counts[r]-1 within that row; rows in order."""
-    rows = torch.arange(counts.numel(), device=counts.device)
-    owner = torch.repeat_interleave(rows, counts, output_size=total)
-    row_start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(total, device=counts.device) - row_start[owner]
-    return owner, slot
-
-
-class _RootValues:
-    """The passed-on tokens' values, divided only where gathered: sums / counts (TSTM roots) rounded to the input
-    dtype as the official code forms them there, or the features themselves (counts None)."""
-
-    def __init__(self, sums: Tensor, counts: Tensor | None, dtype: torch.dtype) -> None:
-        self.sums, self.counts, self.dtype = sums, counts, dtype
-        self.device = sums.device
-        self.num_tokens, self.dim = sums.shape[1], sums.shape[2]
-
-    def gather(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """Rows and cols: broadcastable int64 index tensors of shape S. Returns (*S, D) in the input dtype."""
-        flat = (rows * self.num_tokens + cols).expand(torch.broadcast_shapes(rows.shape, cols.shape))
-        # index_select on the flattened (F·N, D) rows: one vectorised gather instead of 2-D advanced indexing.
-        value = self.sums.reshape(-1, self.dim).index_select(0, flat.reshape(-1)).view(*flat.shape, self.dim)
-        if self.counts is None:
-            return value
-        value = value / self.counts.reshape(-1)[flat].clamp_min(1.0).unsqueeze(-1)
-        return value if value.dtype == self.dtype else value.to(self.dtype)
+def _dpc_batches(frames: list[int], counts: list[int]) -> list[list[int]]:
+    """The frames DPC-kNN clusters, in padded batches: the frames on each side of torch.cdist's 25-point switch
+    apart (each side's distances are computed as torch.cdist computes them for that size), largest first; a batch
+    is closed when its padded points would exceed DPC_BATCH_POINTS or the next frame is below DPC_BATCH_FILL of the
+    batch's width (the pairwise work grows with the square of the width)."""
+    batches: list[list[int]] = []
+    for side in ([f for f in frames if counts[f] <= CDIST_DIRECT_MAX_POINTS],
+                 [f for f in frames if counts[f] > CDIST_DIRECT_MAX_POINTS]):
+        batch: list[int] = []
+        for frame in sorted(side, key=lambda f: -counts[f]):
+            width = counts[batch[0]] if batch else 0
+            if batch and ((len(batch) + 1) * width > DPC_BATCH_POINTS or counts[frame] < DPC_BATCH_FILL * width):
+                batches.append(batch)
+                batch = []
+            batch.append(frame)
+        if batch:
+            batches.append(batch)
+    return batches
 
 
 def _cluster_frames(
-    values: _RootValues,
-    token_order: Tensor,
+    passed: PassedTokens,
     frames: list[int],
-    passed_counts: list[int],
+    row_start: list[int],
     clusters: list[int],
     noise_flat: Tensor,
-    noise_offset: dict[int, int],
+    noise_offsets: list[int],
     num_tokens: int,
 ) -> tuple[Tensor, Tensor]:
     """DPC-kNN on the given frames (one padded batch) and the cluster means. Returns (K_total, D) tokens
     (clusters frame by frame, each frame's in descending score order) and their global indices (the centres')."""
-    device = values.device
-    dim = values.sums.shape[-1]
-    counts_list = [passed_counts[f] for f in frames]
+    device = passed.token_index.device
+    counts_list = [passed.counts[f] for f in frames]
     cluster_list = [clusters[f] for f in frames]
     neighbour_list = [min(k, 7) for k in cluster_list]
     width = max(counts_list)
     max_clusters = max(cluster_list)
-    offsets_list = [noise_offset[f] for f in frames] if noise_flat.numel() > 0 else [0] * len(frames)
-    frame_index, counts, num_clusters, num_neighbours, offsets = int_tensors(
-        device, frames, counts_list, cluster_list, neighbour_list, offsets_list
+    offsets_list = noise_offsets if noise_flat.numel() > 0 else [0] * len(frames)
+    frame_index, starts, counts, num_clusters, num_neighbours, offsets = int_tensors(
+        device, frames, [row_start[f] for f in frames], counts_list, cluster_list, neighbour_list, offsets_list
     )
     # Slot j < K_i of row i, frame by frame: the centres in score order.
-    cluster_row, cluster_slot = _ragged_slots(num_clusters, sum(cluster_list))
+    cluster_row, cluster_slot = ragged_slots(num_clusters, sum(cluster_list))
     pick = cluster_row * max_clusters + cluster_slot
     slots = torch.arange(width, device=device)
     used = slots.unsqueeze(0) < counts.unsqueeze(1)  # (C, n)
-    local = token_order[frame_index, :width]  # (C, n) within-frame token indices
-    # Padded slots hold other (finite) tokens of the frame: cdist entries of valid pairs never read them.
-    members = values.gather(frame_index.unsqueeze(-1), local)  # (C, n, D) input dtype
+    # Padded slots repeat the frame's last token: cdist entries of valid pairs never read them.
+    rows = starts.unsqueeze(1) + torch.minimum(slots.unsqueeze(0), counts.unsqueeze(1) - 1)  # (C, n)
+    members = passed.values(rows.flatten()).view(len(frames), width, -1)  # input dtype
+    local = passed.token_index[rows]  # (C, n) within-frame token indices
     if noise_flat.numel() > 0:
         noise_index = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp_max(noise_flat.numel() - 1)
         noise = noise_flat[noise_index].masked_fill(~used, 0.0)
@@ -474,8 +396,8 @@ def _cluster_frames(
     # Cluster means as the official code forms them: one-hot (C, K, n) @ members (C, n, D) / member counts.
     one_hot = (assignment.unsqueeze(1) == torch.arange(max_clusters, device=device).view(1, -1, 1)) & used.unsqueeze(1)
     # In the input dtype, as the official code forms them (bf16/fp16 products accumulate in float32, round once).
-    one_hot = one_hot.to(values.dtype)
+    one_hot = one_hot.to(members.dtype)
     means = torch.bmm(one_hot, members) / one_hot.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (C, K_max, D)
     # Centres, frame by frame, in score order: pick slot j < K_i of row i.
     centre_global = (frame_index.unsqueeze(-1) * num_tokens + local.gather(1, centres)).flatten()[pick]
-    return means.reshape(-1, dim)[pick], centre_global
+    return means.flatten(0, 1)[pick], centre_global

@@ -7,6 +7,22 @@ from torch import Tensor
 
 from ._transfer import int_tensors
 
+# frame_descriptors reduces this many bytes of (float32) features at a time.
+DESCRIPTOR_CHUNK_BYTES = 8 * 2**20
+
+
+def frame_descriptors(features: Tensor) -> Tensor:
+    """The frames' mean tokens, DySeg's frame descriptors: features (F, N, D) -> (F, D) in the input dtype.
+
+    The values of `features.mean(dim=1)`, computed a few frames at a time: for bfloat16/float16 inputs torch's mean
+    first converts the whole input to float32 (a copy of the video, for a (F, D) result); a frame's mean does not
+    depend on the other frames (tested bit for bit)."""
+    num_frames, num_tokens, dim = features.shape
+    frames_per_chunk = max(1, DESCRIPTOR_CHUNK_BYTES // max(1, num_tokens * dim * 4))
+    if features.dtype == torch.float32 or frames_per_chunk >= num_frames:
+        return features.mean(dim=1)
+    return torch.cat([chunk.mean(dim=1) for chunk in features.split(frames_per_chunk)])
+
 
 def transition_similarities(frame_features: Tensor) -> Tensor:
     """Cosine similarity of consecutive frame descriptors, in the input dtype (as the official code).
@@ -86,4 +102,4 @@ def video_segment_lengths(
     """Segment lengths for a video, as a host list. features: (F, N, D). [F] when do_segment is False."""
     if not do_segment:
         return [features.shape[0]]
-    return host_segment_lengths(features.mean(dim=1), segment_threshold, min_segment_num, complementary_segment)
+    return host_segment_lengths(frame_descriptors(features), segment_threshold, min_segment_num, complementary_segment)

@@ -33,26 +33,36 @@ def event_relevance(features: Tensor, segment_lengths: Tensor | list[int] | None
     """E[b, j] = mean over the frames c of b's segment of dot(X[b, j], mean_n X[c, n]), in float32.
 
     features: (B, N, D); segment_lengths: (S,) summing to B, or None for one segment of all B frames.
-    Returns (B, N). Computed as the dot product with the segment's mean frame descriptor (the same value as the
-    mean of the per-frame dot products, up to float rounding, at 1/F of the cost).
+    Returns (B, N). On the CPU as the official code forms it, segment by segment (`segment_relevance`: the same
+    numbers, bit for bit). On CUDA as the dot product with the segment's mean frame descriptor, one fixed-shape
+    product for all frames (the CUDA stage's form; equal within float rounding, at 1/L of the cost).
     """
     features = features.float()
-    frame_means = features.mean(dim=1)  # (B, D)
     num_frames = features.shape[0]
+    host_lengths = [num_frames] if segment_lengths is None else [
+        int(v) for v in (segment_lengths.tolist() if isinstance(segment_lengths, Tensor) else segment_lengths)
+    ]
+    if not features.is_cuda:
+        return torch.cat([segment_relevance(segment, segment.mean(dim=1)) for segment in features.split(host_lengths)])
+    frame_means = features.mean(dim=1)  # (B, D)
     if segment_lengths is None:
-        segment_mean = frame_means.mean(dim=0, keepdim=True).expand(num_frames, -1)
-    else:
-        host_lengths = [int(v) for v in (segment_lengths.tolist() if isinstance(segment_lengths, Tensor)
-                                             else segment_lengths)]
-        ids = [segment for segment, length in enumerate(host_lengths) for _ in range(length)]
-        segment_ids, lengths = int_tensors(features.device, ids, host_lengths)
-        if features.is_cuda:
-            return _event_relevance_by_frame(features, frame_means, segment_ids)
-        sums = torch.zeros(len(host_lengths), frame_means.shape[1], dtype=torch.float32, device=features.device)
-        sums.index_add_(0, segment_ids, frame_means)
-        means = sums / lengths.clamp_min(1).unsqueeze(-1).to(torch.float32)
-        segment_mean = means[segment_ids]
-    return torch.bmm(features, segment_mean.unsqueeze(-1)).squeeze(-1)
+        return relevance_to(features, frame_means.mean(dim=0, keepdim=True).expand(num_frames, -1))
+    ids = [segment for segment, length in enumerate(host_lengths) for _ in range(length)]
+    (segment_ids,) = int_tensors(features.device, ids)
+    return relevance_to(features, _segment_means_by_frame(frame_means, segment_ids))
+
+
+def segment_relevance(features: Tensor, frame_means: Tensor) -> Tensor:
+    """Event relevance within one segment, as the official code forms it: features (L, N, D) float32, frame_means
+    (L, D) float32 their frames' mean tokens -> (L, N), the (L * N, D) @ (D, L) products averaged over the L
+    frames."""
+    return torch.einsum("bnd,cd->bcn", features, frame_means).mean(dim=1)
+
+
+def relevance_to(features: Tensor, descriptors: Tensor) -> Tensor:
+    """Each token's dot product with its frame's descriptor: features (B, N, D) float32, descriptors (B, D) ->
+    (B, N) float32."""
+    return torch.bmm(features, descriptors.unsqueeze(-1)).squeeze(-1)
 
 
 def event_relevance_from_ids(features: Tensor, segment_ids: Tensor) -> Tensor:
@@ -60,15 +70,14 @@ def event_relevance_from_ids(features: Tensor, segment_ids: Tensor) -> Tensor:
     (B,) int64 -> (B, N) float32, with fixed shapes and no host data (what a CUDA graph can capture). On CUDA it
     equals event_relevance; on the CPU it agrees within float32 rounding (a matrix product instead of index_add_)."""
     features = features.float()
-    return _event_relevance_by_frame(features, features.mean(dim=1), segment_ids)
+    return relevance_to(features, _segment_means_by_frame(features.mean(dim=1), segment_ids))
 
 
-def _event_relevance_by_frame(features: Tensor, frame_means: Tensor, segment_ids: Tensor) -> Tensor:
+def _segment_means_by_frame(frame_means: Tensor, segment_ids: Tensor) -> Tensor:
     # Each frame's segment sum as a row of a same-segment (B, B) one-hot product: a fixed summation order (CUDA's
     # index_add_ is atomic, and its order could flip near-tie picks between runs) and fixed shapes.
     same_segment = (segment_ids.unsqueeze(1) == segment_ids.unsqueeze(0)).to(torch.float32)
-    segment_mean = (same_segment @ frame_means) / same_segment.sum(dim=-1, keepdim=True)
-    return torch.bmm(features, segment_mean.unsqueeze(-1)).squeeze(-1)
+    return (same_segment @ frame_means) / same_segment.sum(dim=-1, keepdim=True)
 
 
 def calibrated_distances(
@@ -78,13 +87,16 @@ def calibrated_distances(
     segment_lengths: Tensor | list[int] | None = None,
     normalized: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    *,
+    relevance: Tensor | None = None,  # keyword only: the event relevance, if the caller has it
 ) -> Tensor:
     """The distance matrix that the greedy selection maximises the minimum of, in float32.
 
     features: (B, N, D); attention: (B, N) (unused by div). Returns (B, N, N) where column j is scaled:
     div: 1 - cos; attn_div: (1 - cos) * (A[j] * 1e6); attn_div_v2: ((1 - cos) * (A[j] * 1e6)) * E[j];
     div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation). segment_ids: (B,) device tensor used for event
-    relevance instead of segment_lengths (see event_relevance_from_ids).
+    relevance instead of segment_lengths (see event_relevance_from_ids). relevance: (B, N) the event relevance
+    E if the caller already has it (then neither segment_lengths nor segment_ids is read).
     """
     features = features.float()  # once: both terms below work in float32
     distances = cosine_distances(features, normalized)
@@ -93,8 +105,9 @@ def calibrated_distances(
             raise ValueError(f"token_selection_method={method!r} needs the attention statistic")
         distances = distances * (attention.float() * ATTENTION_SCALE).unsqueeze(1)
     if method in ("attn_div_v2", "div_er"):
-        relevance = (event_relevance_from_ids(features, segment_ids) if segment_ids is not None
-                     else event_relevance(features, segment_lengths))
+        if relevance is None:
+            relevance = (event_relevance_from_ids(features, segment_ids) if segment_ids is not None
+                         else event_relevance(features, segment_lengths))
         distances = distances * relevance.unsqueeze(1)
     return distances
 
@@ -185,9 +198,15 @@ def select_tokens(
         if attention is None:
             raise ValueError("token_selection_method='attn' needs the attention statistic")
         return torch.topk(attention, k=num_tokens, dim=-1).indices.sort(dim=-1).values
+    distances = calibrated_distances(features, attention, method, segment_lengths, normalized, segment_ids)
+    return diversity_picks(distances, num_tokens, method, forbid_repick)
+
+
+def diversity_picks(distances: Tensor, num_tokens: int, method: str, forbid_repick: bool | None = None) -> Tensor:
+    """A diversity method's greedy Max-Min picks on its calibrated distances (B, N, N): (B, num_tokens) int64,
+    ascending within each frame. forbid_repick: None = the method's official behaviour (see select_tokens)."""
     if forbid_repick is None:
         forbid_repick = method != "attn_div_v2"
-    distances = calibrated_distances(features, attention, method, segment_lengths, normalized, segment_ids)
     # div_er is not in the official code: its distances can be far below -1 (negative event relevance), so picked
     # columns get -inf there; the official methods keep their -1.
     picked_value = float("-inf") if method == "div_er" or (forbid_repick and method == "attn_div_v2") else -1.0

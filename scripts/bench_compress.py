@@ -1,23 +1,41 @@
 #!/usr/bin/env python
-"""Time flashvid_core.compress against a straightforward loop-style implementation, in one run.
+"""Time flashvid_core.compress against a straightforward loop-style implementation, and against the official code.
 
     python scripts/bench_compress.py                      # CPU float32 (and CUDA float16 when a GPU is present)
     python scripts/bench_compress.py --runs 10 --loop-runs 3 --shapes 32x196x3584 64x196x3584
+    python scripts/bench_compress.py --official-root /path/to/FlashVID     # side by side with the official code
 
 Prints the median milliseconds per video (after warm-up) of both implementations and their ratio, and checks
 that both give the same indices. The loop-style implementation (`loop_compress`, written for this project from
 the specification, per frame and per token like the official code) is also used by the tests as an oracle.
+
+With --official-root (your checkout of github.com/Fanziyang-v/FlashVID; never part of this project) it times
+`flashvid_core.compress` and the official `flashvid_compression` alternately on the same inputs in one process
+(--pairs pairs per shape, retention ratio and dtype, the order swapped every pair, both after the same
+`torch.manual_seed`), with the loop-style implementation as a further column, and prints per row the medians,
+the median of the pairwise ratios and whether every pair gave the same indices. The peak resident memory of one
+call of each implementation is measured in a fresh subprocess each (see `peak_rss_of_one_call`). The machine's
+load and the CPUs this process may use are printed with the table: other processes on the machine slow both
+implementations, which the alternation spreads evenly but does not remove. Exits 1 if any indices differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
+import json
 import math
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -215,6 +233,205 @@ def profile_call(fn: Callable[[], object], cuda: bool, trace_path: Path) -> None
     print(f"trace: {trace_path}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Side by side with the official implementation
+# ----------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# An implementation under test: (features (F, N, D), attention (F, N), config) -> (tokens (M, D), indices (M,)).
+Implementation = Callable[[Tensor, Tensor, fc.FlashVIDConfig], tuple[Tensor, Tensor]]
+
+
+def ours(features: Tensor, attention: Tensor, config: fc.FlashVIDConfig) -> tuple[Tensor, Tensor]:
+    out = fc.compress(features, attention, config)
+    return out.tokens, out.indices
+
+
+def loop_style(features: Tensor, attention: Tensor, config: fc.FlashVIDConfig) -> tuple[Tensor, Tensor]:
+    return loop_compress(features.cpu(), attention.cpu(), config)
+
+
+def official_implementation(root: Path) -> Implementation:
+    """The official `flashvid_compression` of a checkout, loaded as scripts/diff_official.py loads it (the package's
+    `__init__`, which imports the model files, is skipped). It writes into its features (TSTM sums) and into its
+    config, so each call gets a fresh official config built from ours, and callers pass features they can lose."""
+    harness_path = Path(__file__).resolve().parent / "diff_official.py"
+    spec = importlib.util.spec_from_file_location("diff_official", harness_path)
+    harness = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(harness)
+    module = harness.load_official(root)
+
+    def official(features: Tensor, attention: Tensor, config: fc.FlashVIDConfig) -> tuple[Tensor, Tensor]:
+        official_config = module.FlashVidConfig(**{name: getattr(config, name) for name in harness.CONFIG_FIELDS})
+        return module.flashvid_compression(features, attention, official_config)
+
+    return official
+
+
+class PairTimes(NamedTuple):
+    """Milliseconds per call of ours and the official code, pair by pair, and whether each pair's indices agree."""
+
+    ours_ms: list[float]
+    official_ms: list[float]
+    same_indices: list[bool]
+
+    @property
+    def pair_ratios(self) -> list[float]:
+        return [theirs / mine for mine, theirs in zip(self.ours_ms, self.official_ms)]
+
+
+def timed_call(fn: Implementation, features: Tensor, attention: Tensor, config: fc.FlashVIDConfig, seed: int
+               ) -> tuple[float, Tensor]:
+    """One call after torch.manual_seed(seed) (the DPC tie-breaker's draws): (milliseconds, indices)."""
+    cuda = features.is_cuda
+    torch.manual_seed(seed)
+    if cuda:
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    _, indices = fn(features, attention, config)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - begin) * 1000.0, indices.cpu()
+
+
+def alternating_pairs(official: Implementation, features: Tensor, attention: Tensor, config: fc.FlashVIDConfig,
+                      pairs: int, warmup: int) -> PairTimes:
+    """Ours and the official code on the same inputs, `warmup` untimed pairs then `pairs` timed ones; the order
+    swaps every pair so that neither always runs right after the other. The official call gets a copy of the
+    inputs made outside the timing (it writes into its features); ours gets the inputs themselves."""
+    ours_ms: list[float] = []
+    official_ms: list[float] = []
+    same: list[bool] = []
+    for pair in range(warmup + pairs):
+        order = ("ours", "official") if pair % 2 == 0 else ("official", "ours")
+        times: dict[str, float] = {}
+        indices: dict[str, Tensor] = {}
+        for name in order:
+            if name == "ours":
+                times[name], indices[name] = timed_call(ours, features, attention, config, seed=pair)
+            else:
+                copies = (features.clone(), attention.clone())
+                times[name], indices[name] = timed_call(official, *copies, config, seed=pair)
+                del copies
+        if pair >= warmup:
+            ours_ms.append(times["ours"])
+            official_ms.append(times["official"])
+            same.append(torch.equal(indices["ours"], indices["official"]))
+    return PairTimes(ours_ms, official_ms, same)
+
+
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: the resident high-water mark)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), flags=re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (peak memory needs Linux)")
+    return int(match.group(1))
+
+
+def measure_peak_rss(fn: Implementation, shape: str, dtype: torch.dtype, config: fc.FlashVIDConfig) -> dict:
+    """In this (fresh) process: the resident memory of one call of fn on the synthetic video of `shape`.
+
+    A call on a small video first loads and initialises the libraries (thread pools, BLAS), so that their one-off
+    memory is not counted; the full-size call is the first one, so any memory an implementation keeps across
+    calls (a cache, a workspace) is counted in its peak. The high-water mark is reset (/proc/self/clear_refs)
+    after the inputs exist; the official code gets the inputs themselves (no copy: this process has no further use
+    for them). Returns MiB: before (inputs resident), peak (high-water mark during the call), call (peak - before)
+    and retained (resident after the call - before: outputs and anything kept)."""
+    fn(*synthetic_video(4, 16, 32, "cpu", dtype, seed=1), config)
+    frames, tokens, dim = (int(v) for v in shape.split("x"))
+    features, attention = synthetic_video(frames, tokens, dim, "cpu", dtype)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    torch.manual_seed(0)
+    result = fn(features, attention, config)
+    peak = _status_kib("VmHWM")
+    after = _status_kib("VmRSS")
+    del result
+    return {"before": before / 1024, "peak": peak / 1024, "call": (peak - before) / 1024,
+            "retained": (after - before) / 1024}
+
+
+def peak_rss_of_one_call(implementation: str, shape: str, dtype: str, retention_ratio: float,
+                         official_root: Path | None) -> dict:
+    """measure_peak_rss in a fresh subprocess of this script (one per implementation: nothing either one
+    allocated or freed before can hide in the other's numbers)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--peak-rss-child", implementation, "--shapes", shape,
+               "--dtypes", dtype, "--retention-ratios", str(retention_ratio)]
+    if official_root is not None:
+        command += ["--official-root", str(official_root)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"peak-memory subprocess for {implementation} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine_line() -> str:
+    """The CPUs this process may use, torch's threads and the load averages (other work slows every column)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (f"CPUs usable: {len(cpus)} of {os.cpu_count()} ({cpus}); torch threads: {torch.get_num_threads()}; "
+            f"load average (1, 5, 15 min): {load}")
+
+
+def side_by_side(args: argparse.Namespace) -> int:
+    """The --official-root mode: one table row per shape, retention ratio and dtype. Returns the exit status."""
+    official = official_implementation(args.official_root)
+    device = "cuda" if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}; device {device}; official code: {args.official_root}")
+    print(machine_line())
+    header = (f"{'shape':>12} {'R':>5} {'dtype':>8} | {'ours ms':>8} {'official ms':>11} {'oracle ms':>9} | "
+              f"{'official/ours':>13} {'oracle/ours':>11} | same indices: official, oracle | "
+              "peak MiB ours / official")
+    print(header)
+    print("-" * len(header))
+    all_same = True
+    for shape in args.shapes:
+        frames, tokens, dim = (int(v) for v in shape.split("x"))
+        for ratio in args.retention_ratios:
+            config = fc.FlashVIDConfig(retention_ratio=ratio)
+            for dtype_name in args.dtypes:
+                features, attention = synthetic_video(frames, tokens, dim, device, DTYPES[dtype_name])
+                times = alternating_pairs(official, features, attention, config, args.pairs, args.warmup)
+                same = all(times.same_indices)
+                oracle = oracle_ratio = oracle_same = "-"
+                if not args.no_loop:
+                    oracle_runs = [timed_call(loop_style, features, attention, config, seed=0)
+                                   for _ in range(args.loop_runs)]
+                    oracle_ms = statistics.median(ms for ms, _ in oracle_runs)
+                    oracle_same = str(torch.equal(oracle_runs[0][1], timed_call(ours, features, attention, config, 0)[1]))
+                    oracle = f"{oracle_ms:9.1f}"
+                    oracle_ratio = f"{oracle_ms / statistics.median(times.ours_ms):10.2f}x"
+                memory = "-"
+                if not args.no_memory and device == "cpu":
+                    mine = peak_rss_of_one_call("ours", shape, dtype_name, ratio, None)
+                    theirs = peak_rss_of_one_call("official", shape, dtype_name, ratio, args.official_root)
+                    memory = (f"{mine['peak']:.0f} / {theirs['peak']:.0f} (call: +{mine['call']:.0f} / "
+                              f"+{theirs['call']:.0f})")
+                all_same = all_same and same
+                print(f"{shape:>12} {ratio:>5} {dtype_name:>8} | {statistics.median(times.ours_ms):8.1f} "
+                      f"{statistics.median(times.official_ms):11.1f} {oracle:>9} | "
+                      f"{statistics.median(times.pair_ratios):12.2f}x {oracle_ratio:>11} | {same!s:>22}, {oracle_same:>6} | "
+                      f"{memory}",
+                      flush=True)
+                if args.profile:
+                    for name, fn in (("ours", ours), ("official", official)):
+                        call = partial(_fresh_inputs_call, fn, features, attention, config)
+                        profile_call(call, device == "cuda",
+                                     Path(args.profile) / f"{name}_{shape}_r{ratio}_{dtype_name}.json")
+    oracle_note = "" if args.no_loop else f"; oracle = the loop-style implementation (median of {args.loop_runs})"
+    memory_note = "" if args.no_memory else "; peak = resident high-water mark of one call in a fresh process (call: above the inputs)"
+    print(f"medians of {args.pairs} alternating pairs after {args.warmup} untimed; official/ours = median of the "
+          f"pairwise ratios{oracle_note}{memory_note}")
+    print(machine_line())
+    return 0 if all_same else 1
+
+
+def _fresh_inputs_call(fn: Implementation, features: Tensor, attention: Tensor, config: fc.FlashVIDConfig) -> None:
+    fn(features.clone(), attention.clone(), config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["32x196x3584", "64x196x3584"], help="FxNxD")
@@ -227,7 +444,28 @@ def main() -> None:
                         help="CUDA input dtype (default float16; the CPU always runs float32)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="also profile one call per shape and device: a Chrome trace and the top operators")
+    side = parser.add_argument_group("side by side with the official code (--official-root)")
+    side.add_argument("--official-root", type=Path, default=None,
+                      help="a checkout of github.com/Fanziyang-v/FlashVID: time it against compress, alternately")
+    side.add_argument("--pairs", type=int, default=7, help="timed alternating pairs per row (medians reported)")
+    side.add_argument("--retention-ratios", type=float, nargs="+", default=[0.1, 0.25], help="one row each")
+    side.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
+                      help="input dtypes, one row each")
+    side.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads for the timed calls (default: torch's own, one per usable CPU)")
+    side.add_argument("--no-memory", action="store_true",
+                      help="skip the peak resident memory (two fresh subprocesses per row)")
+    side.add_argument("--peak-rss-child", choices=["ours", "official"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_rss_child is not None:
+        fn = ours if args.peak_rss_child == "ours" else official_implementation(args.official_root)
+        config = fc.FlashVIDConfig(retention_ratio=args.retention_ratios[0])
+        print(json.dumps(measure_peak_rss(fn, args.shapes[0], DTYPES[args.dtypes[0]], config)))
+        return
+    if args.official_root is not None:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        sys.exit(side_by_side(args))
     config = fc.FlashVIDConfig()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; config: {config}")
     targets = []

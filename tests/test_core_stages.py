@@ -343,13 +343,13 @@ def test_cuda_summation_branch_matches_the_cpu_path(monkeypatch, seed):
 
 
 def test_ragged_slots_and_frame_layout():
-    from flashvid_core.pipeline import _ragged_slots
+    from flashvid_core.eager_stage import ragged_slots
 
     counts = [3, 0, 2, 1]
-    owner, slot = _ragged_slots(torch.tensor(counts), sum(counts))
+    owner, slot = ragged_slots(torch.tensor(counts), sum(counts))
     assert owner.tolist() == [r for r, k in enumerate(counts) for _ in range(k)]
     assert slot.tolist() == [j for k in counts for j in range(k)]
-    empty_owner, empty_slot = _ragged_slots(torch.zeros(0, dtype=torch.long), 0)
+    empty_owner, empty_slot = ragged_slots(torch.zeros(0, dtype=torch.long), 0)
     assert empty_owner.numel() == 0 and empty_slot.numel() == 0
     segment_of_frame, is_start, frame_length, lengths = fc.merging.frame_layout([2, 0, 3], torch.device("cpu"))
     assert segment_of_frame.tolist() == [0, 0, 2, 2, 2]
@@ -498,8 +498,12 @@ def test_compress_reads_the_device_twice_without_complementary_cuts(monkeypatch)
     fc.compress(features, attention, fc.FlashVIDConfig(min_segment_num=1))
     assert reads == ["tolist", "tolist"]
     reads.clear()
-    fc.compress(features, attention, fc.FlashVIDConfig(min_segment_num=16))  # complementary cuts: one more read
-    assert reads == ["tolist"] * 3
+    out = fc.compress(features, attention, fc.FlashVIDConfig(min_segment_num=6))  # complementary cuts: one more read
+    assert reads == ["tolist"] * 3 and out.segment_lengths.tolist() == [2, 1, 1, 1, 3, 8]
+    reads.clear()
+    # One-frame segments only: every token is passed on, the cluster counts need no read.
+    fc.compress(features, attention, fc.FlashVIDConfig(min_segment_num=16))
+    assert reads == ["tolist"] * 2
     with pytest.raises(ValueError, match="features contain NaN"):
         fc.compress(features.index_fill(1, torch.tensor([3]), float("nan")), attention, fc.FlashVIDConfig())
     with pytest.raises(ValueError, match="attention contains NaN or inf"):
