@@ -296,7 +296,8 @@ def resolve_device(accelerator: Any, device: str | None) -> torch.device:
     The base classes pick `cuda:<rank>` whenever several processes run, which fails on CPU-only machines.
     """
     if accelerator.num_processes > 1:
-        return accelerator.device
+        # several CPU processes get "cpu:0", which transformers' device_map would read as GPU 0
+        return torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
