@@ -48,7 +48,7 @@ def _checksum(entry: Mapping[str, Tensor]) -> str:
     for name in sorted(entry):
         tensor = entry[name].contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -128,7 +128,11 @@ class FeatureStore:
         stored = {name: tensor.detach().to("cpu").contiguous() for name, tensor in entry.items()}
         self._remember(key, stored)
         if self.directory is not None:
-            self._write(key, stored)
+            try:
+                self._write(key, stored)
+            except OSError as error:  # a full or read-only disk costs reuse, never the caller's result
+                warnings.warn(f"feature store: cannot write {self.path_of(key)} ({error}); kept in memory only",
+                              stacklevel=2)  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- memory
 

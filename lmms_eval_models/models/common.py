@@ -619,7 +619,7 @@ class FlashVIDModel:
             return self._decoded_call(request)[0], None
         key = store.key(self._visual_identity(), video_path)
         needs_statistic = get_method(self.flashvid_arguments.method).needs_statistic
-        entry = store.lookup(key, needs_statistic)
+        entry = store.lookup(key, needs_statistic, video_path)
         device = self.model.get_input_embeddings().weight.device
         if entry is not None:
             return self._recorded_call(request, dict(entry.record)), ServedVideo(entry, device)

@@ -228,10 +228,13 @@ class VisualStore:
         return entry_key({"entry_version": ENTRY_VERSION, "model": dict(model_identity),
                           "video": file_identity(video_path)})  # fmt: skip
 
-    def lookup(self, key: str, needs_statistic: bool) -> VisualEntry | None:
+    def lookup(self, key: str, needs_statistic: bool, video_path: str = "") -> VisualEntry | None:
         """The entry under `key` if it can serve a method that does (not) read the statistic; else None (a miss:
-        absent, unreadable as an entry, or without the statistic the method needs)."""
+        absent, damaged, unreadable as an entry, or without the statistic the method needs)."""
+        from loguru import logger  # as lmms-eval logs (some of its model modules silence Python warnings)
+
         found: list[VisualEntry] = []
+        discarded = self.store.stats.discarded
 
         def usable(tensors: Mapping[str, Tensor]) -> bool:
             try:
@@ -241,7 +244,10 @@ class VisualStore:
             found.append(entry)
             return entry.encoded.statistic is not None or not needs_statistic
 
-        return found[-1] if self.store.get(key, accept=usable) is not None else None
+        entry = found[-1] if self.store.get(key, accept=usable) is not None else None
+        if self.store.stats.discarded > discarded:
+            logger.warning(f"feature store: discarded a damaged cache file of {video_path or key}; recomputing it")
+        return entry
 
     def put(self, key: str, entry: VisualEntry) -> None:
         self.store.put(key, entry.to_tensors())

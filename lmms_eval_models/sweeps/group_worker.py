@@ -38,6 +38,10 @@ from lmms_eval_models.sweeps import store
 from lmms_eval_models.sweeps.spec import Run
 
 SPEC_FILE = "spec.json"
+# What a group's store counts (`FeatureStore.stats`): passes served (from memory or disk) and computed; entries
+# found without the statistic a run needed (recomputed), over the memory budget (not kept in memory), damaged
+# cache files discarded, computed passes not stored (their call could not be rebuilt from the record).
+PASS_COUNTS = ("served", "computed", "from_memory", "from_disk", "refused", "too_large", "discarded", "not_stored")
 OUTCOMES_DIR = "outcomes"
 SUMMARY_FILE = "summary.json"
 LOG_FORMAT = ("<green>{time:YYYY-MM-DD HH:mm:ss}</green> | <level>{level: <8}</level> | <cyan>{name}</cyan>:"
@@ -261,11 +265,12 @@ class SharedModel:
         every rank calls it)."""
         import torch
 
-        counts = {"served": 0, "computed": 0, "from_memory": 0, "from_disk": 0}
+        counts = dict.fromkeys(PASS_COUNTS, 0)
         if self.visual_store is not None:
             stats = self.visual_store.store.stats
             counts = {"served": stats.hits, "computed": stats.misses, "from_memory": stats.memory_hits,
-                      "from_disk": stats.disk_hits}  # fmt: skip
+                      "from_disk": stats.disk_hits, "refused": stats.refused, "too_large": stats.too_large,
+                      "discarded": stats.discarded, "not_stored": self.visual_store.not_reproducible}  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, counts)
@@ -300,11 +305,15 @@ def run_one(entry: GroupRun, shared: SharedModel, sweep_dir: Path, group: Mappin
             traceback.print_exc()
             error = f"{type(exception).__name__}: {exception}"
         wait_for_everyone()
+        after = shared.passes()
+        passes = {name: after[name] - before.get(name, 0) for name in after}
+        if is_main_process:
+            from lmms_eval_models.sweeps.runner import passes_line
+
+            print(f"# this run's visual passes: {passes_line(passes)}", flush=True)
     seconds = time.monotonic() - started
-    after = shared.passes()
     if not is_main_process:
         return {}
-    passes = {name: after[name] - before.get(name, 0) for name in after}
     problem = error or store.check_complete(entry.attempt, run.tasks)
     if problem:
         kept = store.keep_failed(entry.attempt, sweep_dir, run.run_id)

@@ -165,9 +165,16 @@ def group_dir(sweep_dir: Path, group: Group) -> Path:
 
 
 def passes_line(passes: dict[str, int]) -> str:
+    """"N of M visual passes served from the store (...)", with what else the store met."""
     total = passes.get("served", 0) + passes.get("computed", 0)
-    return (f"{passes.get('served', 0)} of {total} visual passes served from the store "
+    line = (f"{passes.get('served', 0)} of {total} visual passes served from the store "
             f"({passes.get('from_memory', 0)} from memory, {passes.get('from_disk', 0)} from disk)")
+    details = (("refused", "found without the attention statistic a run needed, recomputed"),
+               ("too_large", "over the memory budget, not kept in memory"),
+               ("discarded", "damaged cache file(s) discarded"),
+               ("not_stored", "computed but not stored (the call could not be rebuilt)"))
+    extra = [f"{passes[name]} {what}" for name, what in details if passes.get(name)]
+    return line + "".join(f"; {text}" for text in extra)
 
 
 def execute_group(group: Group, sweep_dir: Path, launcher: Launcher, settings: GroupSettings, *,
