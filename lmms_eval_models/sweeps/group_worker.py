@@ -137,6 +137,25 @@ def model_extra_arguments(args: Any) -> dict[str, Any]:
     return {key: value for key, value in extra.items() if value is not None}
 
 
+_TASK_INDEXES: dict[tuple, Any] = {}
+
+
+def task_manager_for(verbosity: str, include_path: Any, model: str) -> Any:
+    """A `TaskManager` as the CLI makes one per run, its task index (seconds to build: every task YAML of lmms-eval
+    is read) built once per process: a copy of the first with fresh per-load state (its group map)."""
+    import collections
+    import copy
+
+    from lmms_eval.tasks import TaskManager
+
+    key = (verbosity, json.dumps(include_path), model)
+    if key not in _TASK_INDEXES:
+        _TASK_INDEXES[key] = TaskManager(verbosity, include_path=include_path, model_name=model)
+    manager = copy.copy(_TASK_INDEXES[key])
+    manager.task_group_map = collections.defaultdict(list)
+    return manager
+
+
 def evaluate_run(args: Any, lm: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """lmms-eval 0.7.3's `cli_evaluate_single` with the shared model object `lm` instead of a model name: the same
     checks, task manager, tracker and `simple_evaluate` call, the same files written. Returns (results, samples);
@@ -145,11 +164,10 @@ def evaluate_run(args: Any, lm: Any) -> tuple[dict[str, Any] | None, dict[str, A
     from lmms_eval import evaluator, utils
     from lmms_eval.evaluator import request_caching_arg_to_dict
     from lmms_eval.loggers import EvaluationTracker
-    from lmms_eval.tasks import TaskManager
     from lmms_eval.utils import simple_parse_args_string
     from loguru import logger as eval_logger
 
-    task_manager = TaskManager(args.verbosity, include_path=args.include_path, model_name=args.model)
+    task_manager = task_manager_for(args.verbosity, args.include_path, args.model)
     if args.output_path:
         args.hf_hub_log_args += f",output_path={args.output_path}"
     if os.environ.get("HF_TOKEN", None):

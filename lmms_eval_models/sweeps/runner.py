@@ -259,10 +259,12 @@ def _run_group_process(argv: Sequence[str], log_path: Path, stream: bool, folder
             if stream:
                 for path in (log_path, *(entry.attempt / store.LOG_FILE for entry in entries)):
                     _echo_new_lines(path, offsets)
-            for run_id, outcome in read_outcomes(folder).items():
-                if run_id not in reported:
+            written = read_outcomes(folder)
+            for entry in entries:  # in the group's order
+                run_id = entry.run.run_id
+                if run_id in written and run_id not in reported:
                     reported.add(run_id)
-                    report(Outcome(**outcome))
+                    report(Outcome(**written[run_id]))
                     bar.update(1)
             if finished:
                 break
