@@ -252,11 +252,6 @@ class VisualStore:
     def put(self, key: str, entry: VisualEntry) -> None:
         self.store.put(key, entry.to_tensors())
 
-    def describe(self) -> str:
-        text = self.store.stats.describe()
-        if self.not_reproducible:
-            text += f"; {self.not_reproducible} computed video(s) not stored (their call could not be rebuilt)"
-        return text
 
 
 # ------------------------------------------------------------------------------------------------ records
