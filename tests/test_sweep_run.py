@@ -21,13 +21,16 @@ REPO = Path(__file__).resolve().parent.parent
 TASK_DIR = Path(__file__).parent / "data" / "sweep_task"
 
 
-def small_smoke_sweep(tmp_path: Path, output_root: Path, ratios: tuple[float, ...] = (0.1,)) -> Path:
-    """configs/sweeps/smoke.yaml cut down to one tiny model, vanilla and R = 0.1, two smoke tasks, one document."""
+def small_smoke_sweep(tmp_path: Path, output_root: Path) -> Path:
+    """configs/sweeps/smoke.yaml cut down to one tiny model, one document per task: vanilla on two smoke tasks, then
+    R = 0.1 on all five with up to 256 new tokens (the random tiny model rarely stops early): a longer second
+    run, so that a kill lands inside it."""
     document = yaml.safe_load((REPO / "configs" / "sweeps" / "smoke.yaml").read_text())
     document["models"] = [entry for entry in document["models"] if entry["name"] == "qwen2_5_vl"]
-    document["tasks"] = ["videomme_smoke", "mvbench_smoke"]
+    document["points"][0]["tasks"] = ["videomme_smoke", "mvbench_smoke"]
     document["include_path"] = [str(REPO / "configs" / "tasks" / "smoke")]
-    document["grid"]["retention_ratio"] = list(ratios)
+    document["grid"]["retention_ratio"] = [0.1]
+    document["grid"]["gen_kwargs"] = "max_new_tokens=256"
     document["limit"] = 1
     document["output_root"] = str(output_root)
     document["name"] = "smoke_small"
@@ -147,15 +150,16 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path: Path, 
         sweep_dir = sweep.sweep_dir()
         run_ids = [run.run_id for run in sweep.runs]
         assert sorted(path.name for path in (sweep_dir / "runs").iterdir()) == sorted(run_ids)
-        for run_id in run_ids:
-            assert len(store.results_files(store.finished_dir(sweep_dir, run_id))) == 1
-            assert store.check_complete(store.finished_dir(sweep_dir, run_id), sweep.tasks) is None
+        for run in sweep.runs:
+            assert len(store.results_files(store.finished_dir(sweep_dir, run.run_id))) == 1
+            assert store.check_complete(store.finished_dir(sweep_dir, run.run_id), run.tasks) is None
         assert not (sweep_dir / "failed").exists()
         assert not [path for path in (sweep_dir / ".tmp").iterdir() if path.is_dir()]  # no attempt or group left
         assert "plot: results/smoke_small/accuracy_vs_retention.png" in reruns[mode].stdout
-    # the killed group's first run left its videos' features in the disk store (under the output root): the
-    # rerun's run takes them from there; and the same seed gives the same report, whichever way the runs ran
-    assert "3 of 3 visual passes served from the store (0 from memory, 3 from disk)" in reruns["grouped"].stdout
+    # the killed group's first run left its three videos' features in the disk store (under the output root): the
+    # rerun's run takes them from there and computes the other three; and the same seed gives the same report,
+    # whichever way the runs ran
+    assert "3 of 6 visual passes served from the store (0 from memory, 3 from disk)" in reruns["grouped"].stdout
     for name in ("smoke_small.csv", "smoke_small.md"):
         assert (tmp_path / "grouped" / "results" / "smoke_small" / name).read_bytes() == \
             (tmp_path / "per_run" / "results" / "smoke_small" / name).read_bytes()
