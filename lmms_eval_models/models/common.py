@@ -10,9 +10,10 @@ base class's. Everything is validated before any weight is read: an unknown key,
 or a `method` that contradicts `enable_flashvid` raises a ValueError naming it. Loading leaves the global random
 generators as it found them, so a run's random draws depend on its seed only, not on what the loader drew.
 
-A sweep group shares one loaded model between its points (`lmms_eval_models.sweeps.group`): `reconfigure` switches
-the compression settings (and refuses any other change), `attach_visual_store` serves each video's decoding and
-vision pass from a visual-feature store (`visual_store`), vanilla included (through the patch's "none" method).
+A sweep group shares one loaded model between its runs (`lmms_eval_models.sweeps.group_worker`): `reconfigure`
+switches the compression settings (and refuses any other change), `attach_visual_store` serves each video's
+decoding and vision pass from a visual-feature store (`visual_store`), vanilla included (through the patch's "none"
+method).
 
 Which compression runs: `method` (any method of the registry `lmms_eval_models.methods`, default `flashvid`) at the
 FlashVID config's `retention_ratio`, tuned by the baseline keys (`MethodSettings` fields). `enable_flashvid=False` is the
@@ -624,7 +625,10 @@ class FlashVIDModel:
         if entry is not None:
             return self._recorded_call(request, dict(entry.record)), ServedVideo(entry, device)
         call, record = self._decoded_call(request)
-        storable = same_call(call, self._recorded_call(request, record), ignore=("pixel_values_videos",))
+        try:
+            storable = same_call(call, self._recorded_call(request, record), ignore=("pixel_values_videos",))
+        except (TypeError, ValueError, KeyError, RuntimeError):  # a record that cannot even be replayed
+            storable = False
         if not storable:
             store.not_reproducible += 1
             warnings.warn(f"{self.model_name}: the call for {video_path} cannot be rebuilt from its record; its "

@@ -1,7 +1,7 @@
 """A model class's videos served from a visual-feature store: no decoding and no vision pass on a hit.
 
 The suite's model classes use this when a sweep group shares one loaded model between its points
-(`lmms_eval_models.sweeps.group`); a plain lmms-eval run never does. Per request with one video:
+(`lmms_eval_models.sweeps.group_worker`); a plain lmms-eval run never does. Per request with one video:
 
 1. The key (`VisualStore.key`): everything the stored tensors depend on — the checkpoint (path, config hash,
    weight files or hub revision), the video file (absolute path, size, modification time), the family's frame
