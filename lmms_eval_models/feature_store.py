@@ -17,7 +17,7 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ def _checksum(entry: Mapping[str, Tensor]) -> str:
     for name in sorted(entry):
         tensor = entry[name].contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -61,6 +61,7 @@ class StoreStats:
     misses: int = 0
     too_large: int = 0  # entries larger than the memory budget: computed and used, never held in memory
     discarded: int = 0  # damaged disk files removed
+    refused: int = 0  # entries found that could not serve their caller (counted as misses too)
 
     @property
     def hits(self) -> int:
@@ -68,8 +69,13 @@ class StoreStats:
 
     def describe(self) -> str:
         total = self.hits + self.misses
-        return (f"{self.hits} of {total} visual passes served from the store "
+        text = (f"{self.hits} of {total} visual passes served from the store "
                 f"({self.memory_hits} from memory, {self.disk_hits} from disk)")
+        details = [(self.refused, "found without what the point needed, recomputed"),
+                   (self.too_large, "over the memory budget, not kept in memory"),
+                   (self.discarded, "damaged cache file(s) discarded")]
+        extra = [f"{count} {what}" for count, what in details if count]
+        return text + (f"; {'; '.join(extra)}" if extra else "")
 
 
 class FeatureStore:
@@ -93,27 +99,40 @@ class FeatureStore:
 
     # ---------------------------------------------------------------------------------------------- lookups
 
-    def get(self, key: str) -> Entry | None:
-        """The entry under `key` (memory first, then disk), or None (counted as a miss)."""
+    def get(self, key: str, accept: Callable[[Entry], bool] | None = None) -> Entry | None:
+        """The entry under `key` (memory first, then disk), or None (counted as a miss).
+
+        accept: whether the entry found can serve this caller (e.g. it lacks a tensor the caller needs); an entry
+        it refuses counts as a miss (`refused`) and is left where it is, for the caller to replace.
+        """
         entry = self._memory.get(key)
-        if entry is not None:
+        source = "memory"
+        if entry is None:
+            entry, source = self._read(key), "disk"
+        if entry is not None and accept is not None and not accept(entry):
+            self.stats.refused += 1
+            entry = None
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        if source == "memory":
             self._memory.move_to_end(key)
             self.stats.memory_hits += 1
-            return entry
-        entry = self._read(key)
-        if entry is not None:
+        else:
             self.stats.disk_hits += 1
             self._remember(key, entry)
-            return entry
-        self.stats.misses += 1
-        return None
+        return entry
 
     def put(self, key: str, entry: Mapping[str, Tensor]) -> None:
         """Keep `entry` (copied to the CPU, contiguous) in memory and, with a folder, on disk."""
         stored = {name: tensor.detach().to("cpu").contiguous() for name, tensor in entry.items()}
         self._remember(key, stored)
         if self.directory is not None:
-            self._write(key, stored)
+            try:
+                self._write(key, stored)
+            except OSError as error:  # a full or read-only disk costs reuse, never the caller's result
+                warnings.warn(f"feature store: cannot write {self.path_of(key)} ({error}); kept in memory only",
+                              stacklevel=2)  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- memory
 

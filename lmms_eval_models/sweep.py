@@ -4,6 +4,11 @@
     flashvid-sweep run    configs/sweeps/smoke.yaml                    # run what has not finished, then report
     flashvid-sweep status configs/sweeps/smoke.yaml                    # finished / running / failed / pending
     flashvid-sweep run    smoke --only 'flashvid_qwen2_5_vl.*'         # a built-in sweep by name; some runs only
+    flashvid-sweep run    configs/sweeps/smoke.yaml --no-reuse         # one lmms-eval process per run
+
+Runs that differ only by compression settings share one process: the model is loaded once and each video is
+decoded and encoded once for all of them (a visual-feature store; `reuse_visual: false` or --no-reuse turns it
+off). Every run is still published on its own, under its own run id.
 
 A sweep is a path to a YAML file or the name of a built-in one (`smoke`, `table1_llava_onevision`, ...: the
 files of configs/sweeps/, shipped in the package, so they work from any folder).
@@ -69,15 +74,34 @@ def describe_launcher(launcher: Launcher) -> str:
             + (f", mem_gb={launcher.mem_gb}" if launcher.mem_gb else "") + ")")
 
 
+def reuse_lines(sweep: Sweep, store_dir: Path | None, reuse: bool) -> list[str]:
+    """How the runs share models and the visual-feature store (plan and run print it)."""
+    from lmms_eval_models.sweeps.grouping import plan_groups
+
+    if not reuse:
+        return ["visual reuse: off (one lmms-eval process per run)"]
+    groups, alone = plan_groups(sweep.runs)
+    settings = sweep.feature_store
+    where = f"folder {store_dir}" if store_dir is not None else "memory only"
+    lines = [f"visual reuse: {len(groups)} group(s) of runs sharing one model load and one visual pass per video; "
+             f"feature store: {where} (memory {settings.memory_gb:g} GiB, disk {settings.disk_gb:g} GiB)"]
+    lines += [f"  group {index}: {group.model}, {len(group.runs)} run(s)" for index, group in enumerate(groups, 1)]
+    if alone:
+        lines.append(f"  {len(alone)} run(s) on their own (not a suite model, or per-process lmms-eval flags)")
+    return lines
+
+
 def run_command(sweep: Sweep, run: Run, sweep_dir: Path) -> list[str]:
     """The exact argument list `run` executes for this run (tiny:<family> values are resolved at launch)."""
     return build_command(run, sweep.launcher, store.attempt_dir(sweep_dir, run.run_id) / store.LMMS_EVAL_DIR)
 
 
-def plan_lines(sweep: Sweep, sweep_dir: Path) -> list[str]:
+def plan_lines(sweep: Sweep, sweep_dir: Path, store_dir: Path | None = None, reuse: bool | None = None) -> list[str]:
     lines = [f"sweep {sweep.name}: {len(sweep.runs)} run(s); launcher {describe_launcher(sweep.launcher)}",
              f"output: {sweep_dir}/runs/<run id>  (seed{'s' if len(sweep.seeds) > 1 else ''} "
-             f"{', '.join(map(str, sweep.seeds))}, limit {sweep.limit})"]
+             f"{', '.join(map(str, sweep.seeds))}, limit {sweep.limit})",
+             *reuse_lines(sweep, store_dir if reuse is not None else sweep.store_dir(),
+                          sweep.reuse_visual if reuse is None else reuse)]
     if sweep.description:
         lines.append(f"about: {sweep.description}")
     for index, run in enumerate(sweep.runs, 1):
@@ -147,12 +171,16 @@ def _report_outcome(outcome: Outcome) -> None:
         tqdm_module.tqdm.write(f"run {outcome.run_id} FAILED: {outcome.detail}", file=sys.stderr)
 
 
-def cmd_run(sweep: Sweep, sweep_dir: Path, stream: bool, report: bool) -> int:
+def cmd_run(sweep: Sweep, sweep_dir: Path, stream: bool, report: bool, reuse: bool = True,
+            store_dir: Path | None = None) -> int:
     pending = [run for run in sweep.runs if not store.is_finished(sweep_dir, run.run_id)]
     skipped = len(sweep.runs) - len(pending)
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s), {skipped} already finished, {len(pending)} to run; "
           f"launcher {describe_launcher(sweep.launcher)}; output {sweep_dir}", flush=True)
-    outcomes = run_runs(sweep, pending, sweep_dir, stream=stream, on_outcome=_report_outcome)
+    if pending:
+        print("\n".join(reuse_lines(dataclasses.replace(sweep, runs=tuple(pending)), store_dir, reuse)), flush=True)
+    outcomes = run_runs(sweep, pending, sweep_dir, stream=stream, reuse=reuse, store_dir=store_dir,
+                        on_outcome=_report_outcome)
     print("\n".join(summary_lines(outcomes, skipped)), flush=True)
     unfinished = [run for run in sweep.runs if not store.is_finished(sweep_dir, run.run_id)]
     if report and not unfinished:
@@ -182,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             command.add_argument("--stream", action="store_true", help="show lmms-eval's output live (otherwise it goes to each run's log.txt)")
             command.add_argument("--no-report", action="store_true", help="do not write the report (tables and plot) when every run has finished")
+            command.add_argument("--no-reuse", action="store_true",
+                                 help="one lmms-eval process per run: no shared model, no visual-feature store "
+                                      "(as the sweep file's reuse_visual: false)")
     return parser
 
 
@@ -194,14 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flashvid-sweep: invalid sweep file {args.sweep_file}: {error}", file=sys.stderr)
         return 2
     sweep_dir = sweep.sweep_dir(args.output_root)
+    store_dir = sweep.store_dir(args.output_root)
     if args.command == "plan":
-        print("\n".join(plan_lines(sweep, sweep_dir)))
+        print("\n".join(plan_lines(sweep, sweep_dir, store_dir, sweep.reuse_visual)))
         return 0
     if args.command == "status":
         print("\n".join(status_lines(sweep, sweep_dir)))
         return 0
     try:
-        return cmd_run(sweep, sweep_dir, stream=args.stream, report=not args.no_report)
+        return cmd_run(sweep, sweep_dir, stream=args.stream, report=not args.no_report,
+                       reuse=sweep.reuse_visual and not args.no_reuse, store_dir=store_dir)
     except KeyboardInterrupt:
         # The interrupted run stays unpublished; its attempt folder is restarted by the next `run`.
         print("\ninterrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)

@@ -7,7 +7,13 @@ Each family module subclasses lmms-eval's own class for that family and mixes `F
 The mixin replaces only loading (the base classes pick CUDA devices whenever several processes run, force
 `device_map="auto"` and swallow some errors) and wraps generation; prompting, video loading and decoding stay the
 base class's. Everything is validated before any weight is read: an unknown key, a bad FlashVID or baseline value,
-or a `method` that contradicts `enable_flashvid` raises a ValueError naming it.
+or a `method` that contradicts `enable_flashvid` raises a ValueError naming it. Loading leaves the global random
+generators as it found them, so a run's random draws depend on its seed only, not on what the loader drew.
+
+A sweep group shares one loaded model between its runs (`lmms_eval_models.sweeps.group_worker`): `reconfigure`
+switches the compression settings (and refuses any other change), `attach_visual_store` serves each video's
+decoding and vision pass from a visual-feature store (`visual_store`), vanilla included (through the patch's "none"
+method).
 
 Which compression runs: `method` (any method of the registry `lmms_eval_models.methods`, default `flashvid`) at the
 FlashVID config's `retention_ratio`, tuned by the baseline keys (`MethodSettings` fields). `enable_flashvid=False` is the
@@ -18,18 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import inspect
 import os
+import random
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
+from lmms_eval.api.model import CacheHook, lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 from tqdm import tqdm
@@ -37,8 +47,17 @@ from tqdm import tqdm
 from flashvid_core import FlashVIDConfig
 from flashvid_core.values import parse_text
 from lmms_eval_models.methods import MethodSettings, get_method, llm_pruning_plan
-from lmms_eval_models.patches import apply_flashvid
+from lmms_eval_models.models.visual_store import (
+    RecordingVideo,
+    ServedVideo,
+    VisualStore,
+    checkpoint_identity,
+    environment_identity,
+    same_call,
+)
+from lmms_eval_models.patches import apply_flashvid, is_patched, remove_flashvid
 from lmms_eval_models.patches.common import synchronize
+from lmms_eval_models.patches.prefill import VideoSupply
 
 ENABLE_KEY = "enable_flashvid"
 METHOD_KEY = "method"
@@ -278,10 +297,32 @@ def resolve_device(accelerator: Any, device: str | None) -> torch.device:
     The base classes pick `cuda:<rank>` whenever several processes run, which fails on CPU-only machines.
     """
     if accelerator.num_processes > 1:
-        return accelerator.device
+        # several CPU processes get "cpu:0", which transformers' device_map would read as GPU 0
+        return torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Leave Python's, NumPy's and torch's global generators (CPU and CUDA) as they were when the block began.
+
+    Around model loading: some loaders draw from the global generator (transformers' LLaVA-OneVision draws its
+    newline parameter before the weights overwrite it), and lmms-eval seeds before it loads the model. Without
+    this, a run's draws (FlashVID's DPC tie-breaker, sampling) would depend on whether its model was loaded after
+    seeding (lmms-eval's CLI) or before (a sweep group sharing one model).
+    """
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 # ------------------------------------------------------------------------------------------------------ figures
@@ -455,8 +496,10 @@ class FlashVIDModel:
         check_llm_depth(arguments)
         lmms.__init__(self)  # not the base class's __init__: loading is ours (see the module docstring)
         self.flashvid_arguments = arguments
+        self.visual_store: VisualStore | None = None
         self._in_inner_call = False
-        self._load(arguments.base)
+        with preserved_global_rng():
+            self._load(arguments.base)
         self._apply_patches(arguments)
         self._instrument = GenerateInstrument(self.model, self._video_token_ids())
 
@@ -488,13 +531,129 @@ class FlashVIDModel:
 
     def _apply_patches(self, arguments: ModelArguments) -> None:
         """A method that does not compress (vanilla) patches only where the family's layout needs it (LLaVA-Video),
-        as vanilla runs always did."""
+        as vanilla runs always did, or where a visual store serves the videos (through the patch's encode hook;
+        `method=none` computes what the stock model computes, bit for bit). Re-applying replaces earlier settings."""
         if not arguments.enable_flashvid:
-            if self.family_options:
+            if self.family_options or self.visual_store is not None:
                 apply_flashvid(self.model, None, method=arguments.method, **self.family_options)
+            elif is_patched(self.model):
+                remove_flashvid(self.model)
             return
         apply_flashvid(self.model, arguments.flashvid_config, method=arguments.method,
                        baseline_options=arguments.baseline_options, **self.family_options)  # fmt: skip
+
+    @property
+    def _patched_for_store_only(self) -> bool:
+        """Vanilla patched only so that the store can serve it: its figures are reported as an unpatched run's."""
+        return self.visual_store is not None and not self.flashvid_arguments.enable_flashvid and not self.family_options
+
+    # ------------------------------------------------------------------------------------- sweep groups
+
+    def reconfigure(self, **model_args: Any) -> None:
+        """Switch this loaded model to another run's model_args: only the compression settings (`method`,
+        `enable_flashvid`, the FlashVID and baseline keys) may differ from those it was loaded with; any other
+        difference is a ValueError naming the keys. Leaves nothing of the previous settings' calls behind."""
+        arguments = self.check_model_args(model_args)  # validated on a throwaway instance first
+        loaded = self.flashvid_arguments.base
+        changed = sorted(key for key in set(arguments.base) | set(loaded)
+                         if arguments.base.get(key, "<unset>") != loaded.get(key, "<unset>"))  # fmt: skip
+        if changed:
+            details = ", ".join(f"{key}: loaded {loaded.get(key, '<unset>')!r}, asked "
+                                f"{arguments.base.get(key, '<unset>')!r}" for key in changed)  # fmt: skip
+            raise ValueError(
+                f"reconfigure changes compression settings only; these keys differ from the loaded model's: {details}"
+            )
+        check_llm_depth(arguments)
+        self.flashvid_arguments = arguments
+        self._apply_patches(arguments)
+        self._reset_call_state()
+
+    def keep_between_runs(self) -> None:
+        """Keep the model loaded when lmms-eval's evaluator ends a run: it calls `clean()`, which deletes the
+        model's modules to free memory, and a sweep group's model serves the next run."""
+        self._kept_between_runs = True
+
+    def clean(self) -> None:
+        if not getattr(self, "_kept_between_runs", False):
+            lmms.clean(self)
+
+    def attach_visual_store(self, store: VisualStore | None) -> None:
+        """Serve this model's videos from `store` (None: decode and encode every video, as a plain run)."""
+        self.visual_store = store
+        self._apply_patches(self.flashvid_arguments)
+        self._reset_call_state()
+
+    def _reset_call_state(self) -> None:
+        """Per-call state that must not pass from one run to the next on a shared model: lmms-eval's task table and
+        response hook, the last call's figures, the Qwen models' cached rope deltas (a patch's decode maps and
+        pruner belong to the patch, which `apply_flashvid` replaces)."""
+        self.task_dict = {}
+        self.cache_hook = CacheHook(None)
+        self._in_inner_call = False
+        if is_patched(self.model):
+            self.model.__dict__["flashvid_stats"] = None
+        inner = getattr(self.model, "model", None)
+        if inner is not None and hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
+
+    # --------------------------------------------------------------------------------- the visual store
+
+    def visual_settings(self) -> dict[str, Any]:
+        """The family's settings that decide a video's frames, pixels and prompt record (a store key part)."""
+        raise NotImplementedError
+
+    def _decoded_call(self, request: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One request's generate inputs from its decoded video, and the record of what the prompt took from the
+        video besides the pixels (tensors; `_recorded_call` rebuilds the inputs from it)."""
+        raise NotImplementedError
+
+    def _recorded_call(self, request: Any, record: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The same inputs as `_decoded_call` without decoding: the prompt from `record`, a pixel stand-in."""
+        raise NotImplementedError
+
+    def _video_call(self, request: Any, video_path: str) -> tuple[dict[str, Any], VideoSupply | None]:
+        """The generate inputs of one request about one video, and what its prefill takes the video from: None
+        without a store (its own pixels), a stored entry on a hit (no decoding, no vision pass), a recording that
+        stores the computed entry on a miss (when its record rebuilds the call exactly)."""
+        store = self.visual_store
+        if store is None:
+            return self._decoded_call(request)[0], None
+        key = store.key(self._visual_identity(), video_path)
+        needs_statistic = get_method(self.flashvid_arguments.method).needs_statistic
+        entry = store.lookup(key, needs_statistic, video_path)
+        device = self.model.get_input_embeddings().weight.device
+        if entry is not None:
+            return self._recorded_call(request, dict(entry.record)), ServedVideo(entry, device)
+        call, record = self._decoded_call(request)
+        try:
+            storable = same_call(call, self._recorded_call(request, record), ignore=("pixel_values_videos",))
+        except (TypeError, ValueError, KeyError, RuntimeError):  # a record that cannot even be replayed
+            storable = False
+        if not storable:
+            store.not_reproducible += 1
+            warnings.warn(f"{self.model_name}: the call for {video_path} cannot be rebuilt from its record; its "
+                          "visual pass is not stored", stacklevel=2)  # fmt: skip
+        return call, RecordingVideo(store, key, record, store.keep_statistic, storable)
+
+    def _visual_identity(self) -> dict[str, Any]:
+        """The store key's model part: checkpoint, family settings, dtype, attention implementations, environment."""
+        config = self.model.config
+        vision = getattr(config, "vision_config", None)
+        return {
+            "model_class": self.model_name,
+            "checkpoint": self._checkpoint_identity,
+            "settings": self.visual_settings(),
+            "dtype": str(self.model.dtype),
+            "attn_implementation": [getattr(config, "_attn_implementation", None),
+                                    getattr(vision, "_attn_implementation", None)],
+            "environment": environment_identity(self.model.get_input_embeddings().weight.device),
+        }
+
+    @functools.cached_property
+    def _checkpoint_identity(self) -> dict[str, Any]:
+        """Read once per loaded model (reconfigure never changes the checkpoint)."""
+        return checkpoint_identity(self.flashvid_arguments.base["pretrained"], getattr(self, "checkpoint_path", None),
+                                   self.model.config)  # fmt: skip
 
     def _video_token_ids(self) -> list[int]:
         config = self.model.config
@@ -533,6 +692,8 @@ class FlashVIDModel:
                 raise RuntimeError(
                     f"generation failed for doc {doc_id} of {task}: {probe.error}"
                 ) from probe.error
+            if self._patched_for_store_only:
+                probe.stats = None  # the figures of the unpatched vanilla run this stands for
             figures = figures_of(probe, self.layout_placeholders if probe.visual_placeholders else 0)
             results.append(
                 GenerationResult(

@@ -33,6 +33,7 @@ from lmms_eval_models.conversion.llava_next import SIGLIP_MEAN, SIGLIP_STD
 from lmms_eval_models.models.common import FlashVIDModel, resolve_attn_implementation, resolve_dtype
 from lmms_eval_models.models.official_llava import (
     IMAGE_PLACEHOLDER,
+    FrameSample,
     LlavaNextSettings,
     preprocess_frames,
     question_with_video,
@@ -43,6 +44,7 @@ from lmms_eval_models.models.official_llava import (
     tokenize_with_video,
     video_token_count,
 )
+from lmms_eval_models.patches.prefill import supplying_video
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the official class's default when a task sets none
 # device_map values that spread one process's model over the GPUs (passed to from_pretrained as they are)
@@ -139,12 +141,32 @@ class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
         """What the model is fed for one question about one video: input_ids (1, L) with the video's placeholder
         run where the prompt's video goes, attention_mask (1, L), pixel_values_videos (1, F, 3, S, S) in the model's
         dtype."""
+        return self._decoded_call((context, video_path))[0]
+
+    def _decoded_call(self, request: tuple[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """`video_inputs` and the record of the frames it sampled (for the time instruction and the token count)."""
+        context, video_path = request
         settings = self.llava_settings
         rule = partial(sample_frames, max_frames_num=settings.max_frames_num, force_sample=settings.force_sample,
                        video_fps=settings.video_fps)  # fmt: skip
         frames, sample = read_video_frames(video_path, rule)
+        pixels = preprocess_frames(frames, self.model.config.vision_config.image_size, SIGLIP_MEAN, SIGLIP_STD)
+        call = self._prompt_inputs(context, sample)
+        call["pixel_values_videos"] = torch.from_numpy(pixels)[None].to(self._device, self.model.dtype)
+        return call, frame_record(sample)
+
+    def _recorded_call(self, request: tuple[str, str], record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same call from the frame record, with an empty pixel stand-in (1, 0, 3, S, S): its prefill takes the
+        stored video (`_video_call`)."""
+        call = self._prompt_inputs(request[0], sample_of_record(record))
+        size = self.model.config.vision_config.image_size
+        call["pixel_values_videos"] = torch.empty((1, 0, 3, size, size), device=self._device, dtype=self.model.dtype)
+        return call
+
+    def _prompt_inputs(self, context: str, sample: FrameSample) -> dict[str, torch.Tensor]:
+        """input_ids (1, L) and attention_mask (1, L) of the prompt for a video sampled as `sample`."""
+        settings = self.llava_settings
         vision = self.model.config.vision_config
-        pixels = preprocess_frames(frames, vision.image_size, SIGLIP_MEAN, SIGLIP_STD)
         instruction = time_instruction(sample) if settings.add_time_instruction else None
         count = video_token_count(len(sample.indices), vision.image_size // vision.patch_size, settings.video_layout)
         if settings.conv_template == "qwen_1_5":
@@ -153,11 +175,13 @@ class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
             prompt, marker = self._chat_template_prompt(context, instruction), self._image_processor.video_token
         input_ids = tokenize_with_video(prompt, self.tokenizer, marker, self.model.config.video_token_id, count)
         ids = torch.tensor([input_ids], device=self._device)
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "pixel_values_videos": torch.from_numpy(pixels)[None].to(self._device, self.model.dtype),
-        }
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def visual_settings(self) -> dict[str, Any]:
+        """Frame sampling and the pooling layout (the pixels follow the checkpoint's config and the official rule)."""
+        settings = self.llava_settings
+        return {"max_frames_num": settings.max_frames_num, "force_sample": settings.force_sample,
+                "video_fps": settings.video_fps, "video_layout": settings.video_layout}  # fmt: skip
 
     def _chat_template_prompt(self, context: str, instruction: str | None) -> str:
         """conv_template=hf: the Jinja template over a user turn holding the video, then the text."""
@@ -191,10 +215,12 @@ class FlashVIDLlavaOneVision(FlashVIDModel, LlavaHf):
                 f"{self.model_name} answers questions about one video; doc {doc_id} of {task} has {len(paths)} video "
                 f"path(s) and {len(visuals) - len(paths)} other visual(s)"
             )
-        inputs = self.video_inputs(context, paths[0])
+        inputs, supply = self._video_call((context, paths[0]), paths[0])
         stop_ids = self._stop_token_ids()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0]
-        output = self.model.generate(**inputs, **_generate_kwargs(dict(gen_kwargs), self.use_cache, stop_ids, pad_id))
+        with supplying_video(supply):
+            output = self.model.generate(**inputs, **_generate_kwargs(dict(gen_kwargs), self.use_cache, stop_ids,
+                                                                      pad_id))  # fmt: skip
         new_tokens = output[:, inputs["input_ids"].shape[-1] :]
         answer = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
         self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
@@ -229,3 +255,18 @@ def _generate_kwargs(
         "pad_token_id": pad_id,
         "eos_token_id": stop_ids,
     }
+
+
+def frame_record(sample: FrameSample) -> dict[str, torch.Tensor]:
+    """The sampled frames as a store record: indices (F,) int64, times (F,) float64, the video's length () float64
+    (float64 holds the official path's Python floats exactly)."""
+    return {
+        "frame_indices": torch.tensor(sample.indices, dtype=torch.int64),
+        "frame_times": torch.tensor(sample.times, dtype=torch.float64),
+        "video_seconds": torch.tensor(sample.video_seconds, dtype=torch.float64),
+    }
+
+
+def sample_of_record(record: dict[str, torch.Tensor]) -> FrameSample:
+    return FrameSample(indices=record["frame_indices"].tolist(), times=record["frame_times"].tolist(),
+                       video_seconds=float(record["video_seconds"]))  # fmt: skip

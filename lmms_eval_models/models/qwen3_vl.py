@@ -14,39 +14,44 @@ lmms-eval changed this class's video path between 0.5.0 (the paper's, run by the
 
 On transformers 5, whose Qwen3-VL processor wraps each frame in vision markers inside the template's own pair, the
 template's pair around the video is dropped first, so the paper protocol's prompt is transformers 4.57's.
+
+With a visual store attached (a sweep group), a request about one video takes the protocol's steps for one request
+with its decoding and processing in one replaceable step, as `qwen2_5_vl.QwenStoreCalls` describes.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 from lmms_eval.api.instance import Instance
-from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL, _is_video_path
 
 from lmms_eval_models.models.common import FlashVIDModel
 from lmms_eval_models.models.qwen2_5_vl import (
+    QwenStoreCalls,
+    QwenVideoRequest,
     check_protocol,
+    cut_at_stop_strings,
+    is_video_file,
+    keep_frames,
     load_qwen_common,
     load_qwen_weights,
+    messages_with,
     reasoning_answer,
+    stop_strings,
+    stored_video_path,
 )
+from lmms_eval_models.models.visual_store import settings_digest
+from lmms_eval_models.patches.prefill import supplying_video
+
+__all__ = ["FlashVIDQwen3_VL", "keep_frames"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov")  # what lmms-eval 0.5.0's class treats as a video file
 # keys of lmms-eval 0.7.3's class that 0.5.0's does not read, with their "not given" values
 _LMMS_EVAL_ONLY_KEYS = {"fps": None, "total_pixels": None, "enable_thinking": None, "interleave_visuals": False}
 
 
-def keep_frames(total_frames: int, max_num_frames: int) -> np.ndarray:
-    """lmms-eval 0.5.0's choice among the frames qwen-vl-utils read: linspace(0, total - 1, max_num_frames) truncated,
-    duplicates dropped, the last frame appended if missing (sorted, unique)."""
-    indices = np.unique(np.linspace(0, total_frames - 1, max_num_frames, dtype=int))
-    if total_frames - 1 not in indices:
-        indices = np.unique(np.append(indices, total_frames - 1))
-    return indices
-
-
-class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
+class FlashVIDQwen3_VL(QwenStoreCalls, FlashVIDModel, Qwen3_VL):
     """Qwen3-VL through lmms-eval's prompting and qwen-vl-utils video loading, under the chosen `protocol`.
 
     Keys: the base class's (pretrained, max_num_frames, min_pixels, max_pixels, total_pixels, fps, ...), `dtype`
@@ -79,8 +84,33 @@ class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
         load_qwen_weights(self, settings, Qwen3VLForConditionalGeneration)
 
     def _generate_one(self, request: Instance) -> str:
-        with self._inner_call():
-            return Qwen3_VL.generate_until(self, [request])[0]
+        is_video = is_video_file if self.protocol == "paper" else _is_video_path
+        path = stored_video_path(self, request, is_video)
+        if path is None or self.interleave_visuals:
+            with self._inner_call():
+                return Qwen3_VL.generate_until(self, [request])[0]
+        return self._generate_with_store(request, path)
+
+    def _generate_with_store(self, request: Instance, video_path: str) -> str:
+        """lmms-eval's `Qwen3_VL.generate_until` for one request about one video (batch size 1), its video decoding
+        and processing done by `_video_call` (served from the store on a hit)."""
+        chunk = [request.args]
+        build = self._paper_request if self.protocol == "paper" else self._lmms_eval_request
+        video_request, contexts, gen_kwargs, until = build(chunk)
+        inputs, supply = self._video_call(video_request, video_path)
+        inputs = inputs.to("cuda" if self.device_map == "auto" else self.device)
+        with supplying_video(supply):
+            output = self.model.generate(**inputs, **self._build_generate_kwargs(gen_kwargs))
+        answer = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)[0]  # fmt: skip
+        answer = self._strip_thinking(cut_at_stop_strings(answer, until))
+        self.cache_hook.add_partial("generate_until", (contexts[0], gen_kwargs), answer)
+        return answer
+
+    def visual_settings(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "max_num_frames": self.max_num_frames, "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels, "total_pixels": self.total_pixels, "fps": self.fps,
+                "video_processor": settings_digest(self.processor.video_processor)}  # fmt: skip
 
     # ----------------------------------------------------------------------------- the paper's protocol
 
@@ -93,13 +123,17 @@ class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
         """lmms-eval 0.7.3's preprocessing step (messages, video decoding, tokenization), under `protocol`."""
         if self.protocol != "paper":
             return Qwen3_VL._preprocess_chunk(self, chunk)
-        from qwen_vl_utils import process_vision_info
+        request, contexts, gen_kwargs, until = self._paper_request(chunk)
+        image_inputs, video_inputs, decoded_kwargs = self._decode_video(request)
+        inputs = self.processor(text=request.texts, images=image_inputs, videos=video_inputs, **decoded_kwargs,
+                                **request.processor_kwargs)  # fmt: skip
+        return inputs, contexts, gen_kwargs, until
 
+    def _paper_request(self, chunk: Any) -> tuple[QwenVideoRequest, list[str], dict[str, Any], list[str]]:
+        """lmms-eval 0.5.0's messages and prompt texts for a chunk of requests, before any video is read."""
         contexts, all_gen_kwargs, doc_to_visual, doc_id, task, split = zip(*chunk)
         gen_kwargs = all_gen_kwargs[0]
-        until = gen_kwargs.get("until", [self.tokenizer.decode(self.eot_token_id)])
-        until = [until] if isinstance(until, str) else list(until)
-        until = [term for term in until if term != "\n\n"]
+        until = stop_strings(gen_kwargs, self.tokenizer.decode(self.eot_token_id))
         contexts = [context.replace("<image>", "") for context in contexts]
         if self.reasoning_prompt:
             contexts = [context.strip() + self.reasoning_prompt for context in contexts]
@@ -112,15 +146,59 @@ class FlashVIDQwen3_VL(FlashVIDModel, Qwen3_VL):
             ])  # fmt: skip
         texts = [self.video_prompt(text) for text in
                  self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]  # fmt: skip
-        image_inputs, video_inputs = process_vision_info(
-            messages, return_video_kwargs=False, image_patch_size=16, return_video_metadata=False
-        )
-        if video_inputs is not None:  # lmms-eval 0.5.0 thins the first video only
-            video_inputs[0] = video_inputs[0][keep_frames(video_inputs[0].shape[0], self.max_num_frames)]
         padding = {"padding": True, "padding_side": "left"} if self.batch_size > 1 else {}
-        inputs = self.processor(text=texts, images=image_inputs, videos=video_inputs, do_resize=False,
-                                return_tensors="pt", **padding)  # fmt: skip
-        return inputs, contexts, gen_kwargs, until
+        request = QwenVideoRequest(texts, messages, {"do_resize": False, "return_tensors": "pt", **padding})
+        return request, contexts, gen_kwargs, until
+
+    def _decode_video(self, request: QwenVideoRequest) -> tuple[Any, Any, dict[str, Any]]:
+        """The protocol's decoding: (images, videos, the processor keyword arguments read from the videos)."""
+        from qwen_vl_utils import process_vision_info
+
+        if self.protocol == "paper":  # lmms-eval 0.5.0: 2 fps without metadata, the first video thinned
+            image_inputs, video_inputs = process_vision_info(
+                request.messages, return_video_kwargs=False, image_patch_size=16, return_video_metadata=False
+            )
+            if video_inputs is not None:
+                video_inputs[0] = video_inputs[0][keep_frames(video_inputs[0].shape[0], self.max_num_frames)]
+            return image_inputs, video_inputs, {}
+        messages = messages_with(request.messages, self._cap_frames)
+        image_inputs, videos, video_kwargs = process_vision_info(
+            messages, return_video_kwargs=True, image_patch_size=16, return_video_metadata=True
+        )
+        if videos is None:
+            return image_inputs, None, {"video_metadata": None, **video_kwargs}
+        video_inputs, metadata = map(list, zip(*videos))
+        return image_inputs, video_inputs, {"video_metadata": metadata, **video_kwargs}
+
+    def _lmms_eval_request(self, chunk: Any) -> tuple[QwenVideoRequest, list[str], dict[str, Any], list[str]]:
+        """lmms-eval 0.7.3's messages and prompt texts for one request about one video, before the video is read
+        (its cap of `nframes` at the video's length is applied when decoding: `_cap_frames`)."""
+        contexts, all_gen_kwargs, doc_to_visual, doc_id, task, split = zip(*chunk)
+        gen_kwargs = all_gen_kwargs[0]
+        until = stop_strings(gen_kwargs, self.tokenizer.decode(self.eot_token_id))
+        contexts = [context.replace("<image>", "") for context in contexts]
+        if self.reasoning_prompt:
+            contexts = [context.strip() + self.reasoning_prompt for context in contexts]
+        video_kwargs = self._build_video_kwargs()
+        messages = []
+        for context, to_visual, doc, task_name, split_name in zip(contexts, doc_to_visual, doc_id, task, split):
+            visuals = to_visual(self.task_dict[task_name][split_name][doc]) or []
+            parts = [{"type": "video", "video": visual, **video_kwargs} for visual in visuals if _is_video_path(visual)]
+            messages.append([
+                {"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": [*parts, {"type": "text", "text": context}]},
+            ])  # fmt: skip
+        texts = self._apply_chat_template(messages)
+        request = QwenVideoRequest(texts, messages, {"do_resize": False, "return_tensors": "pt"})
+        return request, contexts, gen_kwargs, until
+
+    @staticmethod
+    def _cap_frames(part: dict[str, Any]) -> None:
+        """lmms-eval 0.7.3 caps a video's `nframes` at its frame count (decord reads the count)."""
+        if part.get("type") == "video" and "nframes" in part:
+            import decord
+
+            part["nframes"] = min(part["nframes"], len(decord.VideoReader(part["video"])))
 
     def _visual_parts(self, visuals: list[Any]) -> list[dict[str, Any]]:
         pixels = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels}

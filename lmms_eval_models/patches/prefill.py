@@ -11,7 +11,8 @@ comes from, and its registration (`apply` / `remove`). Everything else lives her
   in-LLM pruner (`llm_pruning.LLMPruner`, or any object with its attach / prefill / remove lifecycle) is attached
   to this instance's decoder layers and detached again.
 - A call with `pixel_values_videos` is a video prefill (`_video_prefill`): the call is validated before any model
-  work; the video is encoded at ONE call site (`encode_video`, the hook point of a visual-feature store); the
+  work; the video is encoded at ONE call site (`encode_video`; a `VideoSupply` opened by `supplying_video` around
+  a call, e.g. a visual-feature store, may serve it instead of the vision tower); the
   method compresses it (timed between device synchronisations); the family splices the tokens into the prompt;
   the stock `forward` runs on the shortened sequence inside the pruner's `prefill` scope; the figures of the call
   are published as `model.flashvid_stats` (`FlashVIDStats`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import functools
 import inspect
 import time
@@ -62,12 +64,14 @@ __all__ = [
     "StatisticCapture",
     "VideoInputs",
     "VideoLayout",
+    "VideoSupply",
     "apply",
     "encode_call",
     "encode_video",
     "flashvid_subclass",
     "is_patched",
     "remove",
+    "supplying_video",
 ]
 
 # On a module whose class a patch swapped: its stock class, restored by `remove`.
@@ -469,14 +473,58 @@ def _entry_class(original: type) -> type:
 # ------------------------------------------------------------------------------------------- video prefill
 
 
+class VideoSupply(Protocol):
+    """What serves the `EncodedVideo` of the video prefills inside a `supplying_video` scope (a visual-feature
+    store: `lmms_eval_models.models.visual_store`).
+
+    `encoded_video(encode, needs_statistic)` returns the video the method compresses: with the statistic exactly
+    when `needs_statistic`. `encode(with_statistic)` runs the family's vision path on the call's own pixels (the
+    supply may call it, e.g. on a miss, or not at all, e.g. on a hit whose call carries no pixels).
+    """
+
+    def encoded_video(self, encode: Callable[[bool], EncodedVideo], needs_statistic: bool) -> EncodedVideo: ...
+
+
+# The supply of the calls in the current context (None: every prefill encodes its own pixels). A context variable,
+# not model state: it belongs to the caller's call (one request), not to the model or its settings.
+_VIDEO_SUPPLY: contextvars.ContextVar[VideoSupply | None] = contextvars.ContextVar("flashvid_video_supply",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def supplying_video(supply: VideoSupply | None) -> Iterator[None]:
+    """While open, the video prefills of patched models called from this context take their `EncodedVideo` from
+    `supply` (None: encode as usual). Scoped to one call by its caller: the handoff of a store's entry to the
+    prefill, never written into the model or its patch."""
+    token = _VIDEO_SUPPLY.set(supply)
+    try:
+        yield
+    finally:
+        _VIDEO_SUPPLY.reset(token)
+
+
 def encode_video(model: nn.Module, patch: Patch, inputs: VideoInputs) -> EncodedVideo:
     """The one call site of a family's `encode` (the hook point of a visual-feature store).
 
     Its result depends only on the model's weights, `inputs` and whether the method reads the statistic
     (`patch.plan.needs_statistic`), never on the compression settings: a store may key it on those and serve
-    it to later calls with other settings.
+    it to later calls with other settings. Inside `supplying_video(supply)` the supply answers instead.
     """
-    return patch.family.encode(model, inputs, patch.capture if patch.plan.needs_statistic else None)
+    needs_statistic = patch.plan.needs_statistic
+
+    def encode(with_statistic: bool) -> EncodedVideo:
+        return patch.family.encode(model, inputs, patch.capture if with_statistic else None)
+
+    supply = _VIDEO_SUPPLY.get()
+    if supply is None:
+        return encode(needs_statistic)
+    encoded = supply.encoded_video(encode, needs_statistic)
+    if (encoded.statistic is not None) != needs_statistic:
+        raise RuntimeError(
+            f"the video supply returned {'a' if encoded.statistic is not None else 'no'} attention statistic for a "
+            f"method that {'reads' if needs_statistic else 'does not read'} it"
+        )
+    return encoded
 
 
 def encode_call(model: nn.Module, **arguments: Any) -> EncodedVideo:

@@ -68,3 +68,14 @@ def build_command(run: Run, launcher: Launcher, output_path: Path,
         return [python or sys.executable, *tail]
     port = launcher.main_process_port or default_port(run.run_id)
     return [accelerate(), "launch", "--num_processes", str(processes), "--main_process_port", str(port), *tail]
+
+
+def build_group_command(spec_path: Path, launcher: Launcher, group_id: str, python: str | None = None,
+                        accelerate: Callable[[], str] = accelerate_executable) -> list[str]:
+    """The argument list of a sweep group's process (`group_worker`), for its launcher as `build_command`."""
+    tail = ["-m", "lmms_eval_models.sweeps.group_worker", str(spec_path)]
+    processes = launcher.num_processes
+    if launcher.type == "local" or (launcher.type == "slurm" and processes <= 1):
+        return [python or sys.executable, *tail]
+    port = launcher.main_process_port or default_port(group_id)
+    return [accelerate(), "launch", "--num_processes", str(processes), "--main_process_port", str(port), *tail]

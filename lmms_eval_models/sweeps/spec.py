@@ -22,7 +22,10 @@ Scalar = str | int | float | bool
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "model_args", "models", "tasks", "include_path", "grid", "points",
     "launcher", "output_root", "seed", "seeds", "limit", "batch_size", "gen_kwargs", "lmms_eval_args", "paper",
+    "reuse_visual", "feature_store",
 )
+FEATURE_STORE_KEYS = ("memory_gb", "disk_gb", "folder")
+DEFAULT_STORE_FOLDER = "feature_store"  # under the output root: shared by the sweeps written there
 MODEL_ENTRY_KEYS = ("name", "model", "model_args")
 # Keys of a point or grid that set a run's lmms-eval settings instead of a model_arg. `seeds` (not `seed`):
 # `seed` is a model_arg of the random and FastVID methods.
@@ -67,6 +70,29 @@ class Launcher:
     mem_gb: int | None = None
     cluster: str = "slurm"
     additional_parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The visual-feature store of grouped runs (`feature_store:`): memory and disk budgets in GiB, and the folder
+    (None: the default `<output_root>/feature_store`; False: memory only)."""
+
+    memory_gb: float = 4.0
+    disk_gb: float = 200.0
+    folder: str | bool | None = None
+
+    def directory(self, output_root: str | Path) -> Path | None:
+        if self.folder is False:
+            return None
+        return Path(output_root) / DEFAULT_STORE_FOLDER if self.folder in (None, True) else Path(str(self.folder))
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gb * (1 << 30))
+
+    @property
+    def disk_bytes(self) -> int:
+        return int(self.disk_gb * (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -133,9 +159,15 @@ class Sweep:
     runs: tuple[Run, ...]
     seeds: tuple[int, ...] = (0,)
     lmms_eval_args: tuple[str, ...] = ()
+    reuse_visual: bool = True
+    feature_store: StoreSettings = field(default_factory=StoreSettings)
 
     def sweep_dir(self, output_root: str | Path | None = None) -> Path:
         return Path(output_root if output_root is not None else self.output_root) / self.name
+
+    def store_dir(self, output_root: str | Path | None = None) -> Path | None:
+        """The visual-feature store's folder (None: memory only)."""
+        return self.feature_store.directory(output_root if output_root is not None else self.output_root)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -482,6 +514,30 @@ def _parse_paper(raw: Any) -> PaperRef | None:
     return PaperRef(table, {str(k): str(v) for k, v in match.items()}, {str(k): str(v) for k, v in where.items()})
 
 
+def _parse_store(raw: Any) -> StoreSettings:
+    """`feature_store: {memory_gb, disk_gb, folder}`; every key optional."""
+    if raw is None:
+        return StoreSettings()
+    raw = _require_mapping(raw, "feature_store")
+    _check_keys(raw, FEATURE_STORE_KEYS, "feature_store.")
+    budgets = {}
+    for key in ("memory_gb", "disk_gb"):
+        value = raw.get(key, getattr(StoreSettings, key))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1 << 20:
+            raise SweepError(f"feature_store.{key}", f"must be a number of GiB in [0, {1 << 20}], got {value!r}")
+        budgets[key] = float(value)
+    folder = raw.get("folder")
+    if folder is not None and folder is not False and (not isinstance(folder, str) or not folder.strip()):
+        raise SweepError("feature_store.folder", f"must be a folder path, or false (memory only), got {folder!r}")
+    return StoreSettings(folder=folder, **budgets)
+
+
+def _parse_reuse(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SweepError("reuse_visual", f"must be true or false, got {value!r}")
+    return value
+
+
 def _parse_limit(value: Any) -> int | float | None:
     if value is None:
         return None
@@ -525,7 +581,8 @@ def parse_sweep(raw: Any, name: str, path: Path | None = None) -> Sweep:
     return Sweep(
         name=name, path=path, description=str(raw.get("description", "")), models=models,
         launcher=_parse_launcher(raw.get("launcher")), output_root=output_root, paper=_parse_paper(raw.get("paper")),
-        runs=runs, seed=seeds[0], seeds=seeds, **sweep_settings,
+        runs=runs, seed=seeds[0], seeds=seeds, reuse_visual=_parse_reuse(raw.get("reuse_visual", True)),
+        feature_store=_parse_store(raw.get("feature_store")), **sweep_settings,
     )
 
 

@@ -74,9 +74,11 @@ def write_video(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
             os.remove(temporary)
 
 
-def ensure_video(relative_path: str, cache_dir: Path | None = None) -> str:
-    """The path of the synthetic video `relative_path` under the cache, written first if missing."""
+def ensure_video(relative_path: str, cache_dir: Path | None = None, num_frames: int = NUM_FRAMES,
+                 size: int = FRAME_SIZE, fps: int = FPS) -> str:
+    """The path of the synthetic video `relative_path` under the cache, written first if missing (`num_frames`
+    frames of size x size at `fps`; a path names one video: give each shape its own paths)."""
     path = (cache_dir or video_cache_dir()) / relative_path
     if not path.is_file():
-        write_video(path, synthetic_frames(relative_path))
+        write_video(path, synthetic_frames(relative_path, num_frames, size), fps)
     return str(path)
