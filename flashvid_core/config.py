@@ -45,7 +45,8 @@ class FlashVIDConfig:
         tstm_max_depth: maximum number of levels of a TSTM tree (a root alone is depth 1; 1 = no temporal
             merging at all; None = unlimited, the official behaviour). Paper Table 11.
         tstm_max_breadth: maximum number of children a TSTM node accepts; the most similar ones are kept, the
-            others become roots (None = unlimited, official). Paper Table 12.
+            others become roots (None = unlimited, official). An alternative reading of paper Table 12, whose
+            sweep uses tstm_spatial_window.
         tstm_spatial_window: a token's parent candidates are limited to a window x window neighbourhood of its
             position in the previous frame (odd >= 1; the frame must be a square grid; None = the whole frame,
             official). The paper's Table 12 calls its breadth constraint a spatial neighbourhood (1 = same
