@@ -129,17 +129,24 @@ class FlashVIDQwen3_VL(QwenStoreCalls, FlashVIDModel, Qwen3_VL):
                                 **request.processor_kwargs)  # fmt: skip
         return inputs, contexts, gen_kwargs, until
 
-    def _paper_request(self, chunk: Any) -> tuple[QwenVideoRequest, list[str], dict[str, Any], list[str]]:
-        """lmms-eval 0.5.0's messages and prompt texts for a chunk of requests, before any video is read."""
+    def _unpack_chunk(self, chunk: Any) -> tuple[list[str], dict[str, Any], list[str], list[list[Any]]]:
+        """A chunk of lmms-eval requests as (contexts without `<image>`, gen_kwargs, stop strings, each request's
+        visuals), as lmms-eval's Qwen3-VL class reads them."""
         contexts, all_gen_kwargs, doc_to_visual, doc_id, task, split = zip(*chunk)
         gen_kwargs = all_gen_kwargs[0]
         until = stop_strings(gen_kwargs, self.tokenizer.decode(self.eot_token_id))
         contexts = [context.replace("<image>", "") for context in contexts]
         if self.reasoning_prompt:
             contexts = [context.strip() + self.reasoning_prompt for context in contexts]
+        visuals = [to_visual(self.task_dict[task_name][split_name][doc]) or []
+                   for to_visual, doc, task_name, split_name in zip(doc_to_visual, doc_id, task, split)]  # fmt: skip
+        return contexts, gen_kwargs, until, visuals
+
+    def _paper_request(self, chunk: Any) -> tuple[QwenVideoRequest, list[str], dict[str, Any], list[str]]:
+        """lmms-eval 0.5.0's messages and prompt texts for a chunk of requests, before any video is read."""
+        contexts, gen_kwargs, until, visuals_per_request = self._unpack_chunk(chunk)
         messages = []
-        for context, to_visual, doc, task_name, split_name in zip(contexts, doc_to_visual, doc_id, task, split):
-            visuals = to_visual(self.task_dict[task_name][split_name][doc]) or []
+        for context, visuals in zip(contexts, visuals_per_request):
             messages.append([
                 {"role": "system", "content": self.system_prompt},
                 {"role": "user", "content": [*self._visual_parts(visuals), {"type": "text", "text": context}]},
@@ -173,16 +180,10 @@ class FlashVIDQwen3_VL(QwenStoreCalls, FlashVIDModel, Qwen3_VL):
     def _lmms_eval_request(self, chunk: Any) -> tuple[QwenVideoRequest, list[str], dict[str, Any], list[str]]:
         """lmms-eval 0.7.3's messages and prompt texts for one request about one video, before the video is read
         (its cap of `nframes` at the video's length is applied when decoding: `_cap_frames`)."""
-        contexts, all_gen_kwargs, doc_to_visual, doc_id, task, split = zip(*chunk)
-        gen_kwargs = all_gen_kwargs[0]
-        until = stop_strings(gen_kwargs, self.tokenizer.decode(self.eot_token_id))
-        contexts = [context.replace("<image>", "") for context in contexts]
-        if self.reasoning_prompt:
-            contexts = [context.strip() + self.reasoning_prompt for context in contexts]
+        contexts, gen_kwargs, until, visuals_per_request = self._unpack_chunk(chunk)
         video_kwargs = self._build_video_kwargs()
         messages = []
-        for context, to_visual, doc, task_name, split_name in zip(contexts, doc_to_visual, doc_id, task, split):
-            visuals = to_visual(self.task_dict[task_name][split_name][doc]) or []
+        for context, visuals in zip(contexts, visuals_per_request):
             parts = [{"type": "video", "video": visual, **video_kwargs} for visual in visuals if _is_video_path(visual)]
             messages.append([
                 {"role": "system", "content": self.system_prompt},
