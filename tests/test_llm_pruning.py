@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-import transformers  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
+import transformers  # a hard dependency: a broken install must fail, not skip
 
 from lmms_eval_models.patches.llm_pruning import attach_llm_pruning
 from lmms_eval_models.tiny_checkpoints import llava_config, qwen2_5_vl_config, qwen3_vl_config
@@ -141,17 +141,24 @@ def test_out_of_range_layer_and_removal_leave_the_model_stock():
 def test_cached_decoding_equals_an_uncached_forward_with_the_same_kept_positions(kind, implementation, monkeypatch):
     """Reference without any cache: the whole sequence again, with layers >= K forced to keep the prefill's kept
     positions plus the new tokens; its last rows must equal what cached decoding produced."""
+    model = _text_model(kind, implementation)
+    pruner = attach_llm_pruning(model.layers, PRUNING_LAYER, RATIO)
+    check_decoding_against_forced_prefills(model, kind, pruner, monkeypatch)
+    pruner.remove()
+
+
+def check_decoding_against_forced_prefills(model, kind: str, pruner, monkeypatch) -> transformers.DynamicCache:
+    """Decode 3 tokens after a pruned prefill, then compare each decoded row with an uncached forward of the whole
+    sequence whose layers >= K are forced to the prefill's kept positions plus the new tokens. Returns the cache."""
     from lmms_eval_models.patches import llm_pruning
 
     embeds = torch.randn(1, LENGTH, 64)
     new_embeds = torch.randn(1, 3, 64)
-    model = _text_model(kind, implementation)
-    pruner = attach_llm_pruning(model.layers, PRUNING_LAYER, RATIO)
     chosen: list[torch.Tensor] = []
     choose = llm_pruning._keep_positions
     monkeypatch.setattr(llm_pruning, "_keep_positions", lambda *args: chosen.append(choose(*args)) or chosen[-1])
     with torch.no_grad():
-        decoded, _ = _decode(model, kind, pruner, embeds, new_embeds, [1, 1, 1])
+        decoded, cache = _decode(model, kind, pruner, embeds, new_embeds, [1, 1, 1])
         keep = chosen[0]
         for step in range(new_embeds.shape[1]):
             forced = torch.cat([keep, torch.arange(LENGTH, LENGTH + step + 1)])
@@ -165,4 +172,4 @@ def test_cached_decoding_equals_an_uncached_forward_with_the_same_kept_positions
                     use_cache=False,
                 ).last_hidden_state
             torch.testing.assert_close(decoded[:, step], reference[:, -1], atol=1e-5, rtol=1e-5)
-    pruner.remove()
+    return cache

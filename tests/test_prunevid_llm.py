@@ -19,8 +19,8 @@ from test_llm_pruning import (
     RATIO,
     VISUAL_LENGTH,
     VISUAL_START,
-    _decode,
     _positions,
+    check_decoding_against_forced_prefills,
 )
 from test_llm_pruning import _text_model as text_model
 from test_patches_methods import FAMILIES, Case, _recorded, case  # noqa: F401  (the `case` fixture)
@@ -95,29 +95,12 @@ def test_scattered_visual_positions_and_a_video_at_the_end():
 @pytest.mark.parametrize("implementation", ("eager", "sdpa"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decoding_equals_an_uncached_forward_with_the_same_kept_positions(kind, implementation, monkeypatch):
-    embeds = torch.randn(1, LENGTH, 64)
-    new_embeds = torch.randn(1, 3, 64)
     model = text_model(kind, implementation)
     pruner = attach_llm_pruning(model.layers, PRUNING_LAYER, RATIO, "question")
-    chosen: list[torch.Tensor] = []
-    choose = llm_pruning._keep_positions
-    monkeypatch.setattr(llm_pruning, "_keep_positions", lambda *args: chosen.append(choose(*args)) or chosen[-1])
-    with torch.no_grad():
-        decoded, cache = _decode(model, kind, pruner, embeds, new_embeds, [1, 1, 1])
-        pruned = VISUAL_LENGTH - math.ceil(VISUAL_LENGTH * RATIO)
-        lengths = [cache.get_seq_length(i) for i in range(len(model.layers))]
-        assert lengths == [LENGTH + 3] * PRUNING_LAYER + [LENGTH + 3 - pruned] * (len(model.layers) - PRUNING_LAYER)
-        keep = chosen[0]
-        for step in range(new_embeds.shape[1]):
-            forced = torch.cat([keep, torch.arange(LENGTH, LENGTH + step + 1)])
-            monkeypatch.setattr(llm_pruning, "_keep_positions", lambda *args, forced=forced: forced)
-            length = LENGTH + step + 1
-            with pruner.prefill(VISUAL_START, VISUAL_LENGTH):
-                reference = model(inputs_embeds=torch.cat([embeds, new_embeds[:, : step + 1]], dim=1),
-                                  position_ids=_positions(kind, 0, length),
-                                  attention_mask=torch.ones(1, length, dtype=torch.long),
-                                  use_cache=False).last_hidden_state  # fmt: skip
-            torch.testing.assert_close(decoded[:, step], reference[:, -1], atol=1e-5, rtol=1e-5)
+    cache = check_decoding_against_forced_prefills(model, kind, pruner, monkeypatch)
+    pruned = VISUAL_LENGTH - math.ceil(VISUAL_LENGTH * RATIO)
+    lengths = [cache.get_seq_length(i) for i in range(len(model.layers))]
+    assert lengths == [LENGTH + 3] * PRUNING_LAYER + [LENGTH + 3 - pruned] * (len(model.layers) - PRUNING_LAYER)
     pruner.remove()
 
 

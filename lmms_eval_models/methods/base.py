@@ -51,6 +51,19 @@ def as_real(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_integer_fields(options: Any, names: tuple[str, ...], low: int) -> None:
+    """Each named field of an options dataclass an integer >= low, or ValueError naming it."""
+    for name in names:
+        check_integer(name, getattr(options, name))
+        check_at_least(name, getattr(options, name), low)
+
+
+def store_real_fields(options: Any, names: tuple[str, ...]) -> None:
+    """Each named field of a frozen options dataclass checked as a finite real and stored as float."""
+    for name in names:
+        object.__setattr__(options, name, as_real(name, getattr(options, name)))
+
+
 def check_retention_ratio(retention_ratio: float) -> None:
     if isinstance(retention_ratio, bool) or not isinstance(retention_ratio, (int, float)) or not (
         0.0 < retention_ratio <= 1.0

@@ -22,15 +22,14 @@ from lmms_eval_models.methods.base import (
     FLOOR_SLACK,
     FrameBudget,
     Method,
-    as_real,
-    check_at_least,
     check_features,
-    check_integer,
+    check_integer_fields,
     check_interval,
     frame_budget,
     global_indices,
     make_compression,
     sorted_by_index,
+    store_real_fields,
 )
 from lmms_eval_models.methods.random_selection import SeedOptions
 from lmms_eval_models.methods.registry import register
@@ -56,11 +55,8 @@ class FastVIDOptions:
     seed: int = SeedOptions.seed
 
     def __post_init__(self) -> None:
-        for name in ("fastvid_min_segments", "fastvid_anchor_step", "fastvid_density_neighbours"):
-            check_integer(name, getattr(self, name))
-            check_at_least(name, getattr(self, name), 1)
-        for name in ("fastvid_segment_threshold", "fastvid_contextual_share", "fastvid_merging_factor"):
-            object.__setattr__(self, name, as_real(name, getattr(self, name)))
+        check_integer_fields(self, ("fastvid_min_segments", "fastvid_anchor_step", "fastvid_density_neighbours"), 1)
+        store_real_fields(self, ("fastvid_segment_threshold", "fastvid_contextual_share", "fastvid_merging_factor"))
         SeedOptions(self.seed)
         check_interval("fastvid_segment_threshold", self.fastvid_segment_threshold, -1.0, 1.0)
         check_interval("fastvid_contextual_share", self.fastvid_contextual_share, 0.0, 1.0)

@@ -37,15 +37,14 @@ from lmms_eval_models.methods.base import (
     FrameBudget,
     LLMPruning,
     Method,
-    as_real,
-    check_at_least,
     check_features,
-    check_integer,
+    check_integer_fields,
     check_interval,
     check_positive_int,
     check_retention_ratio,
     make_compression,
     sorted_by_index,
+    store_real_fields,
 )
 from lmms_eval_models.methods.random_selection import SeedOptions
 from lmms_eval_models.methods.registry import register
@@ -82,11 +81,8 @@ class PruneVIDOptions:
     seed: int = SeedOptions.seed
 
     def __post_init__(self) -> None:
-        for name in ("prunevid_layer", "prunevid_density_neighbours"):
-            check_integer(name, getattr(self, name))
-            check_at_least(name, getattr(self, name), 1)
-        for name in ("prunevid_threshold", "prunevid_segment_ratio", "prunevid_selection_ratio"):
-            object.__setattr__(self, name, as_real(name, getattr(self, name)))
+        check_integer_fields(self, ("prunevid_layer", "prunevid_density_neighbours"), 1)
+        store_real_fields(self, ("prunevid_threshold", "prunevid_segment_ratio", "prunevid_selection_ratio"))
         SeedOptions(self.seed)
         check_interval("prunevid_threshold", self.prunevid_threshold, -1.0, 1.0)
         for name in ("prunevid_segment_ratio", "prunevid_selection_ratio"):

@@ -18,7 +18,7 @@ from lmms_eval_models.methods.base import (
     Method,
     check_at_least,
     check_choice,
-    check_integer,
+    check_integer_fields,
     frame_budget,
     per_frame_compression,
 )
@@ -41,9 +41,7 @@ class VisionZipOptions:
     visionzip_merge: str = "official"
 
     def __post_init__(self) -> None:
-        for name in ("visionzip_dominant", "visionzip_contextual"):
-            check_integer(name, getattr(self, name))
-            check_at_least(name, getattr(self, name), 0)
+        check_integer_fields(self, ("visionzip_dominant", "visionzip_contextual"), 0)
         if self.visionzip_dominant + self.visionzip_contextual == 0:
             raise ValueError("visionzip_dominant + visionzip_contextual is 0: allowed a sum >= 1")
         check_choice("visionzip_merge", self.visionzip_merge, VISIONZIP_MERGES)

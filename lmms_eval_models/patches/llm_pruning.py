@@ -292,8 +292,13 @@ class LLMPruner:
         if position_embeddings is None:
             raise ValueError("inner-LLM pruning needs the layer's rotary position_embeddings (cos, sin)")
         with torch.no_grad():
-            result.last_query_attention = layer_last_query_attention(module, hidden_states, position_embeddings)
+            result.last_query_attention = self._score(module, hidden_states, position_embeddings, result)
         return None
+
+    def _score(self, module: nn.Module, hidden_states: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor], result: PrefillResult) -> torch.Tensor:
+        """Layer K − 1's ranking score of the visual tokens: the last token's head-averaged attention."""
+        return layer_last_query_attention(module, hidden_states, position_embeddings)
 
     def _make_layer_hook(self, is_pruning_layer: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -396,21 +401,9 @@ class QuestionAttentionPruner(LLMPruner):
     instead of the last token's head-averaged attention. `PrefillResult.last_query_attention` holds that score.
     """
 
-    def _score_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        result = self._active
-        if result is None or result.last_query_attention is not None:
-            return None
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if hidden_states.shape[0] != 1:
-            raise ValueError(f"inner-LLM pruning supports batch size 1, got {hidden_states.shape[0]}")
-        position_embeddings = kwargs.get("position_embeddings")
-        if position_embeddings is None:
-            raise ValueError("inner-LLM pruning needs the layer's rotary position_embeddings (cos, sin)")
-        with torch.no_grad():
-            result.last_query_attention = layer_question_attention(
-                module, hidden_states, position_embeddings, result.visual_positions
-            )
-        return None
+    def _score(self, module: nn.Module, hidden_states: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor], result: PrefillResult) -> torch.Tensor:
+        return layer_question_attention(module, hidden_states, position_embeddings, result.visual_positions)
 
 
 # LLMPruning.scoring (lmms_eval_models.methods) -> the pruner that ranks the visual tokens that way.
