@@ -67,16 +67,6 @@ class StoreStats:
     def hits(self) -> int:
         return self.memory_hits + self.disk_hits
 
-    def describe(self) -> str:
-        total = self.hits + self.misses
-        text = (f"{self.hits} of {total} visual passes served from the store "
-                f"({self.memory_hits} from memory, {self.disk_hits} from disk)")
-        details = [(self.refused, "found without what the point needed, recomputed"),
-                   (self.too_large, "over the memory budget, not kept in memory"),
-                   (self.discarded, "damaged cache file(s) discarded")]
-        extra = [f"{count} {what}" for count, what in details if count]
-        return text + (f"; {'; '.join(extra)}" if extra else "")
-
 
 class FeatureStore:
     """Named-tensor entries by key, in memory (LRU, `memory_bytes`) and optionally on disk (LRU, `disk_bytes`).

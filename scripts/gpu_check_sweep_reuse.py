@@ -37,6 +37,7 @@ def exactness(args: argparse.Namespace) -> int:
     from lmms_eval_models.methods import METHODS
     from lmms_eval_models.models.visual_store import VisualStore
     from lmms_eval_models.sweeps.checks import model_class
+    from lmms_eval_models.sweeps.grouping import passes_line
     from lmms_eval_models.tiny_checkpoints import FAMILIES, tiny_checkpoint_path
 
     manager = TaskManager(include_path=str(resource_root() / "configs" / "tasks" / "smoke"), include_defaults=False)
@@ -65,7 +66,7 @@ def exactness(args: argparse.Namespace) -> int:
             same = evaluate(shared) == expected[method]
             failures += not same
             print(f"{family:16s} {method:10s} {'equal' if same else 'DIFFERENT'}", flush=True)
-        print(f"{family}: {shared.visual_store.store.stats.describe()}", flush=True)
+        print(f"{family}: {passes_line(shared.visual_store.pass_counts())}", flush=True)
     print("all equal" if not failures else f"{failures} difference(s)")
     return 1 if failures else 0
 

@@ -221,6 +221,14 @@ class VisualStore:
         self.keep_statistic = keep_statistic
         self.not_reproducible = 0  # misses whose call a record could not rebuild (not stored)
 
+    def pass_counts(self) -> dict[str, int]:
+        """The visual passes served and computed so far, and what else the store met (the counts of
+        `sweeps.grouping.PASS_COUNTS`)."""
+        stats = self.store.stats
+        return {"served": stats.hits, "computed": stats.misses, "from_memory": stats.memory_hits,
+                "from_disk": stats.disk_hits, "refused": stats.refused, "too_large": stats.too_large,
+                "discarded": stats.discarded, "not_stored": self.not_reproducible}  # fmt: skip
+
     @staticmethod
     def key(model_identity: Mapping[str, Any], video_path: str | os.PathLike) -> str:
         from lmms_eval_models.feature_store import entry_key

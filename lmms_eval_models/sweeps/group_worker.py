@@ -35,13 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from lmms_eval_models.sweeps import store
+from lmms_eval_models.sweeps.grouping import PASS_COUNTS, passes_line
 from lmms_eval_models.sweeps.spec import Run
 
 SPEC_FILE = "spec.json"
-# What a group's store counts (`FeatureStore.stats`): passes served (from memory or disk) and computed; entries
-# found without the statistic a run needed (recomputed), over the memory budget (not kept in memory), damaged
-# cache files discarded, computed passes not stored (their call could not be rebuilt from the record).
-PASS_COUNTS = ("served", "computed", "from_memory", "from_disk", "refused", "too_large", "discarded", "not_stored")
 OUTCOMES_DIR = "outcomes"
 SUMMARY_FILE = "summary.json"
 LOG_FORMAT = ("<green>{time:YYYY-MM-DD HH:mm:ss}</green> | <level>{level: <8}</level> | <cyan>{name}</cyan>:"
@@ -283,12 +280,7 @@ class SharedModel:
         every rank calls it)."""
         import torch
 
-        counts = dict.fromkeys(PASS_COUNTS, 0)
-        if self.visual_store is not None:
-            stats = self.visual_store.store.stats
-            counts = {"served": stats.hits, "computed": stats.misses, "from_memory": stats.memory_hits,
-                      "from_disk": stats.disk_hits, "refused": stats.refused, "too_large": stats.too_large,
-                      "discarded": stats.discarded, "not_stored": self.visual_store.not_reproducible}  # fmt: skip
+        counts = self.visual_store.pass_counts() if self.visual_store is not None else dict.fromkeys(PASS_COUNTS, 0)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, counts)
@@ -326,7 +318,6 @@ def run_one(entry: GroupRun, shared: SharedModel, sweep_dir: Path, group: Mappin
         after = shared.passes()
         passes = {name: after[name] - before.get(name, 0) for name in after}
         if is_main_process:
-            from lmms_eval_models.sweeps.runner import passes_line
 
             print(f"# this run's visual passes: {passes_line(passes)}", flush=True)
     seconds = time.monotonic() - started

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lmms_eval_models.models import MODEL_CLASSES
@@ -22,6 +22,25 @@ from lmms_eval_models.sweeps.spec import Run, render_model_args
 # lmms-eval flags whose effect is per process (a config file of several runs, loggers initialised once per
 # process, another launcher): a run that sets one is not grouped.
 UNGROUPABLE_FLAGS = ("--config", "--wandb_args", "--swanlab_args", "--launcher_args", "--power-analysis")
+
+
+# What a store counts (`VisualStore.pass_counts`): passes served (from memory or disk) and computed; entries
+# refused (without the statistic a run needed), over the memory budget, damaged cache files discarded, computed
+# passes not stored (their call could not be rebuilt from the record).
+PASS_COUNTS = ("served", "computed", "from_memory", "from_disk", "refused", "too_large", "discarded", "not_stored")
+
+
+def passes_line(passes: Mapping[str, int]) -> str:
+    """"N of M visual passes served from the store (...)", with what else the store met."""
+    total = passes.get("served", 0) + passes.get("computed", 0)
+    line = (f"{passes.get('served', 0)} of {total} visual passes served from the store "
+            f"({passes.get('from_memory', 0)} from memory, {passes.get('from_disk', 0)} from disk)")
+    details = (("refused", "found without the attention statistic a run needed, recomputed"),
+               ("too_large", "over the memory budget, not kept in memory"),
+               ("discarded", "damaged cache file(s) discarded"),
+               ("not_stored", "computed but not stored (the call could not be rebuilt)"))
+    extra = [f"{passes[name]} {what}" for name, what in details if passes.get(name)]
+    return line + "".join(f"; {text}" for text in extra)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lmms_eval_models.sweeps import store
 from lmms_eval_models.sweeps.command import build_command, build_group_command, lmms_eval_args, resolve_tiny
 from lmms_eval_models.sweeps.group_worker import GroupRun, read_outcomes, write_spec
-from lmms_eval_models.sweeps.grouping import Group, plan_groups
+from lmms_eval_models.sweeps.grouping import Group, passes_line, plan_groups
 from lmms_eval_models.sweeps.spec import Launcher, Run, StoreSettings, Sweep
 
 POLL_SECONDS = 0.5
@@ -162,19 +162,6 @@ class GroupSettings:
 
 def group_dir(sweep_dir: Path, group: Group) -> Path:
     return sweep_dir / ".tmp" / f"{group.group_id}.group"
-
-
-def passes_line(passes: dict[str, int]) -> str:
-    """"N of M visual passes served from the store (...)", with what else the store met."""
-    total = passes.get("served", 0) + passes.get("computed", 0)
-    line = (f"{passes.get('served', 0)} of {total} visual passes served from the store "
-            f"({passes.get('from_memory', 0)} from memory, {passes.get('from_disk', 0)} from disk)")
-    details = (("refused", "found without the attention statistic a run needed, recomputed"),
-               ("too_large", "over the memory budget, not kept in memory"),
-               ("discarded", "damaged cache file(s) discarded"),
-               ("not_stored", "computed but not stored (the call could not be rebuilt)"))
-    extra = [f"{passes[name]} {what}" for name, what in details if passes.get(name)]
-    return line + "".join(f"; {text}" for text in extra)
 
 
 def execute_group(group: Group, sweep_dir: Path, launcher: Launcher, settings: GroupSettings, *,
