@@ -176,3 +176,30 @@ def test_a_damaged_cache_never_changes_a_result_on_slurm(exact_sweeps: dict[str,
     assert "discarded a damaged cache file" in first.read_text()
     rewritten = [path for path in cache.rglob("*.safetensors") if path.stat().st_size > 1000]
     assert len(rewritten) >= 2  # the recomputed entries replaced the damaged ones
+
+
+def test_an_accelerate_group_shards_its_videos_and_gives_the_no_reuse_outputs(exact_sweeps: dict[str, Any],
+                                                                              tmp_path: Path) -> None:
+    """The LLaVA-OneVision group under the accelerate launcher (2 CPU ranks, each its shard of the documents, one
+    shared model per rank): every answer and metric is the single-process --no-reuse one, and the group's line
+    counts the passes of both ranks."""
+    document = {**EXACT_SWEEP, "output_root": str(tmp_path / "runs"), "feature_store": {"folder": False},
+                "launcher": {"type": "accelerate", "num_processes": 2}}  # fmt: skip
+    sweep_file = tmp_path / "reuse_exact.yaml"
+    sweep_file.write_text(yaml.safe_dump(document, sort_keys=False))
+    result = subprocess.run(sweep_command(sweep_file, "--only", "flashvid_llava_onevision.*"), cwd=tmp_path,
+                            env=exact_sweeps["env"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "visual reuse: 1 group(s)" in result.stdout
+    sweep = load_sweep(sweep_file)
+    runs = [run for run in sweep.runs if run.model == "flashvid_llava_onevision"]
+    assert len(runs) == 3  # vanilla, FlashVID, FastV
+    for run in runs:
+        grouped = store.finished_dir(sweep.sweep_dir(), run.run_id)
+        assert "accelerate" in store.read_manifest(grouped)["command"][0]
+        got = run_outputs(grouped)
+        expected = run_outputs(store.finished_dir(exact_sweeps["no_reuse_dir"], run.run_id))
+        assert answers(got) == answers(expected) and len(answers(got)) == 2, run.run_id
+        assert comparable(got) == comparable(expected), run.run_id
+    # 2 documents on 2 ranks: the first run computes one video per rank, the two later runs are served
+    assert "4 of 6 visual passes served from the store" in result.stdout, result.stdout[-2000:]
