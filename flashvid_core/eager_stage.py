@@ -2,15 +2,17 @@
 
 On the CPU it works one segment at a time, as the official code does. Per segment the unit-norm features are formed
 once, in a workspace the size of the longest segment, and feed both matrix products: the selection's (L, N, N)
-distances and TSTM's (L - 1, N, N) consecutive-frame similarities (pairs across a cut are never formed). Then the
-greedy selection runs for all frames at once, the merge decisions for the whole video, and the passed-on tokens'
-values are formed batch by batch when DPC-kNN asks for them, only for those tokens. No temporary holds the whole
+distances (their lower block triangle, mirrored), then the segment's greedy selection, then TSTM's (L - 1, N, N)
+consecutive-frame similarities for the unselected tokens only (pairs across a cut are never formed; see
+cpu_products). Then the merge decisions are made for the whole video, and the passed-on tokens' values are formed
+batch by batch when DPC-kNN asks for them, only for those tokens. No temporary holds the whole
 video: none is large enough for the C allocator to hand it back to the OS after every call (glibc does that above
 32 MB, and faulting such blocks in again cost a third of the time on a 2-core host).
 
 Every number is the official code's: the same operations on the same per-frame operands, each segment's unit-norm
 features starting at the start of a buffer as the official per-segment tensors do (BLAS results can depend on an
-operand's alignment), event relevance formed as it forms it (`segment_relevance`).
+operand's alignment), event relevance formed as it forms it (`segment_relevance`), and the smaller products only
+where this machine's BLAS gives the whole products' entries in them (checked once per shape).
 
 On CUDA the stage runs the whole-video reference stages (`select_tokens`, `spatiotemporal_merge`), whose matrix
 products are those of the accel layer's CUDA stage: the fast paths and this path give the same numbers.
@@ -26,6 +28,14 @@ import torch
 from torch import Tensor
 
 from .backend import current_backend
+from .cpu_products import (
+    front_width,
+    previous_frame_similarities_of_front,
+    symmetric_gram,
+    unselected_first,
+    use_front_products,
+    use_symmetric_gram,
+)
 from .merging import (
     bag_layout,
     direct_child_counts,
@@ -64,16 +74,6 @@ class PassedTokens:
     values: Callable[[Tensor], Tensor]
 
 
-@dataclass(frozen=True)
-class SegmentProducts:
-    """The matrix products of all segments: distances (F, N, N) float32, the selection's calibrated distances
-    (None without diversity selection); similarities (F - 1, N, N) in the input dtype, [t - 1] compares frame t
-    with t - 1, -1 where t starts a segment (None without TSTM)."""
-
-    distances: Tensor | None
-    similarities: Tensor | None
-
-
 def eager_stage(
     features: Tensor, attention: Tensor, plan: VideoPlan, frame_means: Tensor | None = None
 ) -> tuple[Tensor | None, PassedTokens | None]:
@@ -85,50 +85,53 @@ def eager_stage(
     """
     if features.is_cuda:
         return whole_video_stage(features, attention, plan)
-    config = plan.config
     num_frames, num_tokens, _ = features.shape
-    method = config.token_selection_method
-    diversity = plan.num_selected > 0 and method != "attn"
-    tstm = plan.num_merged > 0 and plan.multi_frame
-    products = segment_products(features, attention, plan, frame_means, diversity, tstm)
-    selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=features.device)
+    method = plan.config.token_selection_method
     keep = None
-    if plan.num_selected > 0:
-        forbid_repick = True if config.adts_forbid_repick else None
-        if products.distances is not None:
-            keep = diversity_picks(products.distances, plan.num_selected, method, forbid_repick)
-        else:
-            keep = select_tokens(features, attention, plan.num_selected, method)
-        selected.scatter_(1, keep, True)
+    if plan.num_selected > 0 and method == "attn":  # attention top-k: no products
+        keep = select_tokens(features, attention, plan.num_selected, method)
+    tstm = plan.num_merged > 0 and plan.multi_frame
+    keep, similarities = segment_stage(features, attention, plan, frame_means, keep, tstm)
     if plan.num_merged == 0:
         return keep, None
-    return keep, passed_tokens(features, selected, products.similarities, plan)
+    selected = torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=features.device)
+    if keep is not None:
+        selected.scatter_(1, keep, True)
+    return keep, passed_tokens(features, selected, similarities, plan)
 
 
-def segment_products(
+def segment_stage(
     features: Tensor,
     attention: Tensor,
     plan: VideoPlan,
     frame_means: Tensor | None,
-    diversity: bool,
+    keep: Tensor | None,
     tstm: bool,
-) -> SegmentProducts:
-    """The selection's distances and TSTM's similarities, segment by segment (see SegmentProducts).
+) -> tuple[Tensor | None, Tensor | None]:
+    """The matrix products and the greedy selection, segment by segment.
 
-    Workspaces, each the size of the longest segment: the float32 unit-norm features (selection, and TSTM for
-    float32 features; for other dtypes a float32 copy of the segment, normalised in place once event relevance has
-    read it) and the unit-norm features in the input dtype (TSTM for other dtypes: its similarities are formed in
-    the features' dtype).
+    keep: (F, K) the selection if it needs no products (attention top-k), else None. Returns keep (F, K) (None
+    without selection) and TSTM's similarities (F - 1, N, N) in the input dtype, [t - 1] comparing frame t with
+    t - 1, -1 where t starts a segment (None without TSTM).
+
+    Each segment's selection is made before its TSTM products, which are then formed for its unselected tokens
+    only (see cpu_products). Workspaces, each the size of the longest segment: the float32 unit-norm features
+    (selection, and TSTM for float32 features; for other dtypes a float32 copy of the segment, normalised in place
+    once event relevance has read it) and the unit-norm features in the input dtype (TSTM for other dtypes: its
+    similarities are formed in the features' dtype).
     """
     num_frames, num_tokens, dim = features.shape
     float32_input = features.dtype == torch.float32
-    method = plan.config.token_selection_method
+    config = plan.config
+    method = config.token_selection_method
+    diversity = plan.num_selected > 0 and method != "attn"
+    forbid_repick = True if config.adts_forbid_repick else None
     longest = max(plan.segment_lengths)
-    square = (num_tokens, num_tokens)
-    distances = features.new_empty((num_frames, *square), dtype=torch.float32) if diversity else None
+    if diversity:
+        keep = features.new_empty((num_frames, plan.num_selected), dtype=torch.long)
     similarities = None
     if tstm:  # pairs across a cut are never formed: -1
-        similarities = features.new_empty((num_frames - 1, *square))
+        similarities = features.new_empty((num_frames - 1, num_tokens, num_tokens))
         cut_rows = [start - 1 for start in prefix_sums(plan.segment_lengths)[1:] if 0 < start < num_frames]
         similarities[cut_rows] = -1.0
     unit32 = unit_native = None
@@ -147,18 +150,35 @@ def segment_products(
         if unit32 is not None:
             segment32 = segment if float32_input else unit32[:length].copy_(segment)
             relevance = None
-            if distances is not None and method in RELEVANCE_METHODS:
+            if diversity and method in RELEVANCE_METHODS:
                 # A fresh (L, D) tensor, as the official code's: the product's operands sit where its do.
                 means = frame_means[frames].clone() if frame_means is not None else segment32.mean(dim=1)
                 relevance = segment_relevance(segment32, means)
             normalized32 = unit_norm(segment32, out=unit32[:length])
-            if distances is not None:  # (the features are only read through their unit-norm form and relevance)
-                distances[frames] = calibrated_distances(normalized32, attention[frames], method,
-                                                         normalized=normalized32, relevance=relevance)
+            if diversity:  # (the features are only read through their unit-norm form and relevance)
+                gram = symmetric_gram(normalized32) if use_symmetric_gram(normalized32) else None
+                distances = calibrated_distances(normalized32, attention[frames], method, normalized=normalized32,
+                                                 relevance=relevance, similarities=gram)
+                keep[frames] = diversity_picks(distances, plan.num_selected, method, forbid_repick)
         if similarities is not None and length > 1:
             normalized = normalized32 if float32_input else unit_norm(segment, out=unit_native[:length])
-            similarities[frames.start : frames.stop - 1] = previous_frame_similarities(normalized)
-    return SegmentProducts(distances, similarities)
+            similarities[frames.start : frames.stop - 1] = segment_similarities(normalized, keep, frames)
+    return keep, similarities
+
+
+def segment_similarities(normalized: Tensor, keep: Tensor | None, frames: slice) -> Tensor:
+    """TSTM's similarities of one segment's consecutive frames: normalized (L, N, D) its unit-norm workspace (may
+    be overwritten), keep the selection (F, K) or None -> (L - 1, N, N), the official products' entries where
+    neither token is selected (the official mask sets the others to -1; see cpu_products)."""
+    num_tokens = normalized.shape[1]
+    if keep is not None and keep.shape[1] > 0:
+        selected = torch.zeros(normalized.shape[:2], dtype=torch.bool, device=normalized.device)
+        selected.scatter_(1, keep[frames], True)
+        width = front_width(selected)
+        if width < num_tokens and use_front_products(normalized, width):
+            row = unselected_first(normalized, selected, width)
+            return previous_frame_similarities_of_front(normalized, width, row)
+    return previous_frame_similarities(normalized)
 
 
 def unit_norm(features: Tensor, out: Tensor) -> Tensor:

@@ -17,12 +17,16 @@ from .config import TOKEN_SELECTION_METHODS
 ATTENTION_SCALE = 1e6
 
 
-def cosine_distances(features: Tensor, normalized: Tensor | None = None) -> Tensor:
+def cosine_distances(features: Tensor, normalized: Tensor | None = None, similarities: Tensor | None = None
+                     ) -> Tensor:
     """1 - cosine similarity between the tokens of each frame, in float32.
 
     features: (B, N, D) any float dtype. normalized: optional float32 features / their L2 norm, if the caller
-    already has it (the same value this function would compute). Returns (B, N, N) float32.
+    already has it (the same value this function would compute). similarities: optional (B, N, N) the product
+    normalized @ normalized^T, if the caller already has it. Returns (B, N, N) float32.
     """
+    if similarities is not None:
+        return 1.0 - similarities
     if normalized is None:
         features = features.float()
         normalized = features / features.norm(p=2, dim=-1, keepdim=True)
@@ -89,6 +93,7 @@ def calibrated_distances(
     segment_ids: Tensor | None = None,
     *,
     relevance: Tensor | None = None,  # keyword only: the event relevance, if the caller has it
+    similarities: Tensor | None = None,  # keyword only: the cosine similarities, if the caller has them
 ) -> Tensor:
     """The distance matrix that the greedy selection maximises the minimum of, in float32.
 
@@ -96,10 +101,11 @@ def calibrated_distances(
     div: 1 - cos; attn_div: (1 - cos) * (A[j] * 1e6); attn_div_v2: ((1 - cos) * (A[j] * 1e6)) * E[j];
     div_er: (1 - cos) * E[j] (the paper's "w/ E.R." ablation). segment_ids: (B,) device tensor used for event
     relevance instead of segment_lengths (see event_relevance_from_ids). relevance: (B, N) the event relevance
-    E if the caller already has it (then neither segment_lengths nor segment_ids is read).
+    E if the caller already has it (then neither segment_lengths nor segment_ids is read). similarities: (B, N, N)
+    float32 the unit-norm features' products, if the caller already has them (see cosine_distances).
     """
     features = features.float()  # once: both terms below work in float32
-    distances = cosine_distances(features, normalized)
+    distances = cosine_distances(features, normalized, similarities)
     if method in ("attn_div", "attn_div_v2"):
         if attention is None:
             raise ValueError(f"token_selection_method={method!r} needs the attention statistic")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import flashvid_core as fc
-from flashvid_core import eager_stage, pipeline, segmentation
+from flashvid_core import cpu_products, eager_stage, pipeline, segmentation
 from flashvid_core.merging import index_sum, row_sums
 
 LOOP = cc.loop_reference()
@@ -135,3 +135,70 @@ def test_one_call_holds_no_copy_of_the_video():
     assert result.returncode == 0, result.stderr[-2000:]
     memory = json.loads(result.stdout.strip().splitlines()[-1])
     assert memory["call"] < 0.8 * 32 * 196 * 1024 * 4 / 2**20, memory
+
+
+def _small_integer_frames(frames: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
+    # Small integers: every product and sum is exact in float32, whatever order a BLAS adds them in, so these
+    # tests check the arrangement of the smaller products, not this machine's BLAS.
+    return torch.randint(-3, 4, (frames, tokens, dim), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def test_symmetric_gram_is_the_whole_product():
+    frames = _small_integer_frames(3, 37, 8, seed=0)
+    assert torch.equal(cpu_products.symmetric_gram(frames), torch.bmm(frames, frames.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_front_products_give_the_masked_similarities_of_the_whole_products(seed):
+    generator = torch.Generator().manual_seed(seed)
+    workspace = _small_integer_frames(5, 40, 6, seed)
+    selected = torch.zeros(5, 40, dtype=torch.bool)
+    for frame, count in enumerate([6, 6, 3, 9, 6]):  # unequal counts, as repeated picks give
+        selected[frame, torch.randperm(40, generator=generator)[:count]] = True
+    excluded = selected[1:].unsqueeze(-1) | selected[:-1].unsqueeze(1)
+    expected = torch.bmm(workspace[1:], workspace[:-1].transpose(1, 2)).masked_fill(excluded, -1.0)
+    width = cpu_products.front_width(selected)
+    assert width == 40 - 3
+    row = cpu_products.unselected_first(workspace, selected, width)
+    got = cpu_products.previous_frame_similarities_of_front(workspace, width, row)
+    assert torch.equal(got.masked_fill(excluded, -1.0), expected)
+    assert bool((row[~selected] < width).all())  # every unselected token sits in the front
+
+
+def test_the_stage_takes_the_whole_products_where_the_smaller_ones_differ(monkeypatch):
+    monkeypatch.setattr(eager_stage, "use_symmetric_gram", lambda normalized: False)
+    monkeypatch.setattr(eager_stage, "use_front_products", lambda workspace, width: False)
+    monkeypatch.setattr(eager_stage, "symmetric_gram", None)  # any use would fail
+    monkeypatch.setattr(eager_stage, "previous_frame_similarities_of_front", None)
+    test_segment_stage_equals_the_whole_video_stage(torch.float32, {})
+    test_segment_stage_equals_the_whole_video_stage(torch.float32, {"adts_forbid_repick": True})
+
+
+def test_the_exactness_check_leaves_the_default_generator_alone():
+    cpu_products.smaller_products_exact.cache_clear()
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    assert isinstance(cpu_products.smaller_products_exact(48, 24, torch.float32, 40, 1), bool)
+    assert isinstance(cpu_products.smaller_products_exact(48, 24, torch.float32, None, 1), bool)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_stage_forms_the_smaller_products_where_this_machine_gives_the_same_entries(monkeypatch):
+    calls = {"gram": 0, "front": 0}
+
+    def counted(name, function):
+        def wrapper(*args):
+            calls[name] += 1
+            return function(*args)
+        return wrapper
+
+    monkeypatch.setattr(eager_stage, "symmetric_gram", counted("gram", cpu_products.symmetric_gram))
+    monkeypatch.setattr(eager_stage, "previous_frame_similarities_of_front",
+                        counted("front", cpu_products.previous_frame_similarities_of_front))
+    test_segment_stage_equals_the_whole_video_stage(torch.float32, {})
+    threads = torch.get_num_threads()
+    gram_exact = cpu_products.smaller_products_exact(36, 16, torch.float32, None, threads)
+    assert (calls["gram"] > 0) == gram_exact
+    _, num_selected, _ = fc.FlashVIDConfig(retention_ratio=0.25).budgets(36)
+    front_exact = cpu_products.smaller_products_exact(36, 16, torch.float32, 36 - num_selected, threads)
+    assert (calls["front"] > 0) == front_exact

@@ -1,0 +1,110 @@
+"""Smaller matrix products for the CPU stage, with the official products' numbers.
+
+The selection's similarities U @ U^T are symmetric: the lower block triangle is computed and mirrored (3/4 of the
+work). TSTM's consecutive-frame similarities are masked to -1 wherever either token is selected: each frame's
+unselected tokens are moved to the front of the (disposable) unit-norm workspace, only those rows are multiplied,
+and the products are put back in token order with -1 elsewhere.
+
+Both forms read entries of smaller products as entries of the official (whole) ones, which holds where the BLAS
+forms every entry from its two rows alone, in a fixed order, whatever the shapes around it (MKL's CPU kernels do).
+`smaller_products_exact` checks that once per shape on this machine's BLAS, bit for bit, and the stage falls back
+to the whole products where it does not hold.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+# Below this many tokens per frame the whole products are cheap: no blocking.
+MIN_BLOCKED_TOKENS = 32
+
+
+def symmetric_gram(normalized: Tensor) -> Tensor:
+    """normalized @ normalized^T per frame from two row blocks: (B, N, D) -> (B, N, N), the entries of the whole
+    product. The upper right block is the mirror of the lower left one."""
+    batch, num_tokens, _ = normalized.shape
+    half = num_tokens // 2
+    gram = normalized.new_empty((batch, num_tokens, num_tokens))
+    gram[:, :half, :half] = torch.bmm(normalized[:, :half], normalized[:, :half].transpose(1, 2))
+    gram[:, half:] = torch.bmm(normalized[:, half:], normalized.transpose(1, 2))
+    gram[:, :half, half:] = gram[:, half:, :half].transpose(1, 2)
+    return gram
+
+
+def front_width(selected: Tensor) -> int:
+    """selected (L, N) bool -> the rows that hold every frame's unselected tokens: N minus the fewest selected."""
+    return selected.shape[-1] - int(selected.sum(dim=-1).min())
+
+
+def unselected_first(workspace: Tensor, selected: Tensor, width: int) -> Tensor:
+    """Move each frame's unselected tokens into the first `width` rows of the workspace (see front_width), in place.
+
+    workspace (L, N, D) the frames' unit-norm features (overwritten: only its first rows stay meaningful);
+    selected (L, N) bool. Unselected tokens beyond the front take the rows of selected ones inside it. Returns
+    row (L, N) int64, where each token now lives: a row >= width for a selected token whose row was taken (no
+    product is formed there).
+    """
+    num_frames, num_tokens, dim = workspace.shape
+    position = torch.arange(num_tokens, device=workspace.device).expand(num_frames, -1)
+    outside = ~selected & (position >= width)  # unselected tokens to move in
+    inside = selected & (position < width)  # rows they may take
+    moves = outside.sum(dim=-1, keepdim=True)
+    taken = inside & (torch.cumsum(inside.to(torch.int32), dim=-1) <= moves)  # the first `moves` of each frame
+    frame_offset = torch.arange(num_frames, device=workspace.device).unsqueeze(-1) * num_tokens
+    source = (position + frame_offset)[outside]  # both in frame order, then token order: pairs line up
+    target = (position + frame_offset)[taken]
+    flat = workspace.view(num_frames * num_tokens, dim)
+    flat.index_copy_(0, target, flat.index_select(0, source))
+    row = position.clone().view(-1)
+    row[source] = target % num_tokens
+    row[target] = source % num_tokens
+    return row.view(num_frames, num_tokens)
+
+
+def previous_frame_similarities_of_front(workspace: Tensor, width: int, row: Tensor) -> Tensor:
+    """TSTM's consecutive-frame similarities (L - 1, N, N) in token order from a workspace arranged by
+    `unselected_first`: [t - 1, n, m] compares token n of frame t with token m of frame t - 1; the entries of
+    tokens outside the front are -1 (selected tokens: the official mask gives them -1 anyway)."""
+    num_frames, num_tokens, _ = workspace.shape
+    front = torch.bmm(workspace[1:, :width], workspace[:-1, :width].transpose(1, 2))
+    padded = torch.nn.functional.pad(front, (0, num_tokens - width, 0, num_tokens - width), value=-1.0)
+    rows = padded.gather(1, row[1:].unsqueeze(-1).expand(-1, -1, num_tokens))
+    return rows.gather(2, row[:-1].unsqueeze(1).expand(-1, num_tokens, -1))
+
+
+@functools.lru_cache(maxsize=256)
+def smaller_products_exact(num_tokens: int, dim: int, dtype: torch.dtype, width: int | None, threads: int) -> bool:
+    """Whether this machine's CPU products give the official entries in the smaller forms above: symmetric_gram
+    (width None) or the front products of `width` rows, for frames of num_tokens x dim in dtype, with `threads`
+    torch threads. Checked bit for bit on seeded random unit-norm frames (its own generator: the default one,
+    which the DPC tie-breaker draws from, is not touched)."""
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(3, num_tokens, dim, generator=generator)
+    frames = (frames / frames.norm(p=2, dim=-1, keepdim=True)).to(dtype)
+    if width is None:
+        return torch.equal(symmetric_gram(frames), torch.bmm(frames, frames.transpose(1, 2)))
+    whole = torch.bmm(frames[1:], frames[:-1].transpose(1, 2))[:, :width, :width]
+    return torch.equal(torch.bmm(frames[1:, :width], frames[:-1, :width].transpose(1, 2)), whole)
+
+
+def use_symmetric_gram(normalized: Tensor) -> bool:
+    """Whether the selection's similarities of these (L, N, D) CPU features may use symmetric_gram."""
+    _, num_tokens, dim = normalized.shape
+    return num_tokens >= MIN_BLOCKED_TOKENS and smaller_products_exact(
+        num_tokens, dim, normalized.dtype, None, torch.get_num_threads()
+    )
+
+
+def use_front_products(workspace: Tensor, width: int) -> bool:
+    """Whether TSTM's products of these (L, N, D) CPU features may be formed on the front `width` rows: float32
+    only (the bfloat16/float16 products take contiguous operands, and copying the fronts costs more than the
+    rows saved)."""
+    _, num_tokens, dim = workspace.shape
+    if workspace.dtype != torch.float32:
+        return False
+    return num_tokens >= MIN_BLOCKED_TOKENS and width < num_tokens and smaller_products_exact(
+        num_tokens, dim, workspace.dtype, width, torch.get_num_threads()
+    )
