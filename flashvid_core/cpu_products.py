@@ -68,7 +68,7 @@ def previous_frame_similarities_of_front(workspace: Tensor, width: int, row: Ten
     """TSTM's consecutive-frame similarities (L - 1, N, N) in token order from a workspace arranged by
     `unselected_first`: [t - 1, n, m] compares token n of frame t with token m of frame t - 1; the entries of
     tokens outside the front are -1 (selected tokens: the official mask gives them -1 anyway)."""
-    num_frames, num_tokens, _ = workspace.shape
+    num_tokens = workspace.shape[1]
     front = torch.bmm(workspace[1:, :width], workspace[:-1, :width].transpose(1, 2))
     padded = torch.nn.functional.pad(front, (0, num_tokens - width, 0, num_tokens - width), value=-1.0)
     rows = padded.gather(1, row[1:].unsqueeze(-1).expand(-1, -1, num_tokens))
