@@ -48,6 +48,7 @@ from .merging import (
     previous_frame_similarities,
     row_sums,
     spatiotemporal_merge,
+    take_rows,
     tree_roots,
     walked_root_increments,
 )
@@ -196,7 +197,7 @@ def passed_tokens(features: Tensor, selected: Tensor, similarities: Tensor | Non
     segment_lengths = list(plan.segment_lengths)
     if similarities is None:  # one-frame segments only: every token is passed on as it is
         everything = torch.arange(num_frames * num_tokens, device=features.device)
-        return PassedTokens(everything % num_tokens, [num_tokens] * num_frames, lambda rows: flat.index_select(0, rows))
+        return PassedTokens(everything % num_tokens, [num_tokens] * num_frames, lambda rows: take_rows(flat, rows))
     layout = frame_layout(segment_lengths, features.device)
     max_sim, parent = parents_from_similarities(similarities, selected, layout[1], config.tstm_spatial_window)
     merged = merge_decisions(max_sim, config.temporal_threshold, segment_lengths, plan.budget, layout)
@@ -264,7 +265,7 @@ def walked_values(features: Tensor, merged: Tensor, parent: Tensor, passed_index
     divisors += direct_child_counts(merged, parent)[passed_index].to(features.dtype)
 
     def values(rows: Tensor) -> Tensor:
-        roots = flat.index_select(0, passed_index[rows])
+        roots = take_rows(flat, passed_index[rows])
         with_children = torch.nonzero(increment_row[rows] >= 0).flatten()
         roots[with_children] = roots[with_children] + increments[increment_row[rows][with_children]]
         return roots / divisors[rows].unsqueeze(-1)

@@ -333,6 +333,19 @@ def bag_layout(roots_of: Tensor, passed_index: Tensor) -> tuple[Tensor, Tensor, 
     return members, torch.cumsum(bag_size, 0) - bag_size, bag_size
 
 
+# Same-size integer dtypes for torch's row gathers: its bfloat16/float16 index_select is several times slower than
+# its int16 one (the bits moved are the same).
+GATHER_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def take_rows(table: Tensor, index: Tensor) -> Tensor:
+    """table.index_select(0, index): table (R, D), index (I,) int64 -> (I, D), a new tensor."""
+    view = GATHER_VIEWS.get(table.dtype)
+    if view is None:
+        return table.index_select(0, index)
+    return table.view(view).index_select(0, index).view(table.dtype)
+
+
 def walked_root_increments(features: Tensor, merged: Tensor, parent: Tensor, segment_lengths: list[int]
                            ) -> tuple[Tensor, Tensor]:
     """The official frame-by-frame TSTM sums, in the input dtype, touching only the merged tokens and their parents.
@@ -343,11 +356,12 @@ def walked_root_increments(features: Tensor, merged: Tensor, parent: Tensor, seg
     +=). `stepwise_tree_sums` forms the same sums with an (N, N) one-hot product per frame over a copy of all
     tokens (equal wherever float32 holds the children's sum exactly, as it does unless their values lie about 2^16
     apart). Segments are walked side by side: step s adds frame L - s of every segment longer than s into frame
-    L - s - 1. Returns root_index (I,) global indices of the roots that have children and their children's sums
-    (I, D) in the input dtype (a root's running value is its feature + that sum, rounded).
+    L - s - 1. A sole child's running value is its parent's children's sum as it is (no float32 round trip).
+    Returns root_index (I,) global indices of the roots that have children, in no particular order, and their
+    children's sums (I, D) in the input dtype (a root's running value is its feature + that sum, rounded).
     """
     num_frames, num_tokens, dim = features.shape
-    device, dtype = features.device, features.dtype
+    device = features.device
     flat = features.reshape(num_frames * num_tokens, dim)
     merged_flat = merged.flatten()
     frame = torch.arange(num_frames, device=device).unsqueeze(-1)
@@ -366,19 +380,39 @@ def walked_root_increments(features: Tensor, merged: Tensor, parent: Tensor, seg
     root_sums: list[Tensor] = []
     offset = 0
     for step in range(1, num_steps + 1):
-        children = merged_index[offset : offset + step_sizes[step]]
+        children = merged_index[offset : offset + step_sizes[step]]  # ascending
         offset += step_sizes[step]
         carried_child = merged_flat[carry_index]
-        root_index.append(carry_index[~carried_child])
-        root_sums.append(carry[~carried_child])
-        values = flat.index_select(0, children)
-        position = torch.searchsorted(children, carry_index[carried_child])
-        values[position] = values[position] + carry[carried_child]
-        carry_index, inverse = torch.unique(parent_global[children], sorted=True, return_inverse=True)
-        carry = index_sum(values.float(), inverse, carry_index.numel()).to(dtype)
+        roots = torch.nonzero(~carried_child).flatten()
+        root_index.append(carry_index.index_select(0, roots))
+        root_sums.append(take_rows(carry, roots))
+        values = take_rows(flat, children)
+        carried = torch.nonzero(carried_child).flatten()
+        position = torch.searchsorted(children, carry_index.index_select(0, carried))
+        values.index_add_(0, position, take_rows(carry, carried))  # one addition per row: a + b, rounded
+        carry_index, carry = children_sums(values, parent_global[children])
     root_index.append(carry_index)  # the segments' first frames: roots only
     root_sums.append(carry)
     return torch.cat(root_index), torch.cat(root_sums)
+
+
+def children_sums(values: Tensor, parents: Tensor) -> tuple[Tensor, Tensor]:
+    """Each parent's children's sum, formed in float32 in child order, rounded to the values' dtype.
+
+    values (C, D) the children's running values in child order; parents (C,) int64 their parents. Returns the
+    parents (P,) (those with one child first) and their sums (P, D): a sole child's value is its sum as it is.
+    """
+    _, inverse, counts = torch.unique(parents, sorted=True, return_inverse=True, return_counts=True)
+    sole = counts.index_select(0, inverse) == 1
+    if bool(sole.all()):
+        return parents, values
+    sole_rows = torch.nonzero(sole).flatten()
+    shared_rows = torch.nonzero(~sole).flatten()
+    shared_parents, owner = torch.unique(parents.index_select(0, shared_rows), sorted=True, return_inverse=True)
+    sums = index_sum(take_rows(values, shared_rows).float(), owner, shared_parents.numel()).to(values.dtype)
+    return torch.cat([parents.index_select(0, sole_rows), shared_parents]), torch.cat(
+        [take_rows(values, sole_rows), sums]
+    )
 
 
 @dataclass(frozen=True)

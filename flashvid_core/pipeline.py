@@ -20,6 +20,7 @@ from .backend import Backend, fast_path, use_backend
 from .clustering import CDIST_DIRECT_MAX_POINTS, dpc_knn_ragged, draw_density_noise
 from .config import FlashVIDConfig
 from .eager_stage import PassedTokens, RootValues, eager_stage, gather_passed, prefix_sums, ragged_slots
+from .merging import take_rows
 from .segmentation import frame_descriptors, lengths_from_cuts, transition_cuts
 
 # DPC-kNN pads the frames of one batch to the batch's largest; a batch holds at most this many padded points
@@ -269,7 +270,7 @@ def _in_index_order(flat: Tensor, pieces_indices: list[Tensor], pieces_tokens: l
     num_selected = pieces_indices[0].numel()
     source_rows = torch.zeros_like(all_indices)
     source_rows[position[:num_selected]] = pieces_indices[0]
-    tokens = flat.index_select(0, source_rows)
+    tokens = take_rows(flat, source_rows)
     offset = num_selected
     for piece in pieces_tokens:
         tokens.index_copy_(0, position[offset : offset + piece.shape[0]], piece)

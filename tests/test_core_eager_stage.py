@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import flashvid_core as fc
-from flashvid_core import cpu_products, eager_stage, pipeline, segmentation
+from flashvid_core import cpu_products, eager_stage, merging, pipeline, segmentation
 from flashvid_core.merging import index_sum, row_sums
 
 LOOP = cc.loop_reference()
@@ -202,3 +202,34 @@ def test_the_stage_forms_the_smaller_products_where_this_machine_gives_the_same_
     _, num_selected, _ = fc.FlashVIDConfig(retention_ratio=0.25).budgets(36)
     front_exact = cpu_products.smaller_products_exact(36, 16, torch.float32, 36 - num_selected, threads)
     assert (calls["front"] > 0) == front_exact
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_walk_over_merged_tokens_gives_the_frame_by_frame_sums(dtype, seed):
+    # Sole children, parents shared by several children and chains over several frames, in three segments.
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [4, 1, 3]
+    features = torch.randn(8, 20, 5, generator=generator).to(dtype)
+    merged = torch.rand(8, 20, generator=generator) < 0.6
+    merged[[0, 4, 5]] = False  # the segments' first frames have no parents
+    parent = torch.randint(0, 20, (8, 20), generator=generator) // torch.randint(1, 4, (8, 20), generator=generator)
+    index, increments = merging.walked_root_increments(features, merged, parent, lengths)
+    values, _ = merging.stepwise_tree_sums(features, merged, parent, lengths)
+    flat, expected = features.reshape(160, 5), values.reshape(160, 5)
+    assert index.numel() == torch.unique(index).numel() > 0
+    assert not bool(merged.flatten()[index].any())  # roots only
+    assert torch.equal(flat[index] + increments, expected[index])
+    has_children = torch.zeros(160, dtype=torch.bool)
+    frame = torch.arange(8).unsqueeze(-1)
+    has_children[((frame - 1) * 20 + parent)[merged]] = True
+    assert sorted(index.tolist()) == torch.nonzero(has_children & ~merged.flatten()).flatten().tolist()
+
+
+def test_take_rows_moves_the_same_bits():
+    table = torch.randn(9, 4).to(torch.bfloat16)
+    table[0, 0] = -0.0
+    index = torch.tensor([3, 0, 3, 8])
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(merging.take_rows(table.to(dtype), index).view(-1).view(torch.uint8),
+                           table.to(dtype).index_select(0, index).view(-1).view(torch.uint8))
