@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._transfer import int_tensors
 from .backend import fast_path
+from .cpu_products import frame_products
 
 # A uniform random tie-breaker of this size is added to the densities, as in the official code.
 DENSITY_NOISE_SCALE = 1e-6
@@ -69,7 +70,7 @@ def self_cdist(points: Tensor) -> Tensor:
     left[..., dim + 1] = 1.0
     right[..., dim] = 1.0
     right[..., dim + 1] = norm
-    return left.matmul(right.mT).clamp_min_(0).sqrt_()
+    return frame_products(left, right.mT).clamp_min_(0).sqrt_()
 
 
 @torch.no_grad()

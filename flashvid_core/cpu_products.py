@@ -22,14 +22,27 @@ from torch import Tensor
 MIN_BLOCKED_TOKENS = 32
 
 
+def frame_products(left: Tensor, right: Tensor) -> Tensor:
+    """torch.bmm(left, right): (B, M, K) @ (B, K, N) -> (B, M, N). On the CPU in float32 an odd batch of three or
+    more is split into an even batch and one single product: MKL shares a batch's matrices between the threads,
+    and with two threads the odd one out ran alone (up to 30% slower per matrix); each entry is the same."""
+    batch = left.shape[0]
+    if left.is_cuda or left.dtype != torch.float32 or batch < 3 or batch % 2 == 0:
+        return torch.bmm(left, right)
+    products = left.new_empty((batch, left.shape[1], right.shape[2]))
+    torch.bmm(left[:-1], right[:-1], out=products[:-1])
+    torch.mm(left[-1], right[-1], out=products[-1])
+    return products
+
+
 def symmetric_gram(normalized: Tensor) -> Tensor:
     """normalized @ normalized^T per frame from two row blocks: (B, N, D) -> (B, N, N), the entries of the whole
     product. The upper right block is the mirror of the lower left one."""
     batch, num_tokens, _ = normalized.shape
     half = num_tokens // 2
     gram = normalized.new_empty((batch, num_tokens, num_tokens))
-    gram[:, :half, :half] = torch.bmm(normalized[:, :half], normalized[:, :half].transpose(1, 2))
-    gram[:, half:] = torch.bmm(normalized[:, half:], normalized.transpose(1, 2))
+    gram[:, :half, :half] = frame_products(normalized[:, :half], normalized[:, :half].transpose(1, 2))
+    gram[:, half:] = frame_products(normalized[:, half:], normalized.transpose(1, 2))
     gram[:, :half, half:] = gram[:, half:, :half].transpose(1, 2)
     return gram
 
@@ -69,7 +82,7 @@ def previous_frame_similarities_of_front(workspace: Tensor, width: int, row: Ten
     `unselected_first`: [t - 1, n, m] compares token n of frame t with token m of frame t - 1; the entries of
     tokens outside the front are -1 (selected tokens: the official mask gives them -1 anyway)."""
     num_tokens = workspace.shape[1]
-    front = torch.bmm(workspace[1:, :width], workspace[:-1, :width].transpose(1, 2))
+    front = frame_products(workspace[1:, :width], workspace[:-1, :width].transpose(1, 2))
     padded = torch.nn.functional.pad(front, (0, num_tokens - width, 0, num_tokens - width), value=-1.0)
     rows = padded.gather(1, row[1:].unsqueeze(-1).expand(-1, -1, num_tokens))
     return rows.gather(2, row[:-1].unsqueeze(1).expand(-1, num_tokens, -1))
@@ -82,12 +95,12 @@ def smaller_products_exact(num_tokens: int, dim: int, dtype: torch.dtype, width:
     torch threads. Checked bit for bit on seeded random unit-norm frames (its own generator: the default one,
     which the DPC tie-breaker draws from, is not touched)."""
     generator = torch.Generator().manual_seed(0)
-    frames = torch.randn(3, num_tokens, dim, generator=generator)
+    frames = torch.randn(4, num_tokens, dim, generator=generator)
     frames = (frames / frames.norm(p=2, dim=-1, keepdim=True)).to(dtype)
-    if width is None:
-        return torch.equal(symmetric_gram(frames), torch.bmm(frames, frames.transpose(1, 2)))
+    if width is None:  # three frames: an odd batch, as frame_products splits it
+        return torch.equal(symmetric_gram(frames[:3]), torch.bmm(frames[:3], frames[:3].transpose(1, 2)))
     whole = torch.bmm(frames[1:], frames[:-1].transpose(1, 2))[:, :width, :width]
-    return torch.equal(torch.bmm(frames[1:, :width], frames[:-1, :width].transpose(1, 2)), whole)
+    return torch.equal(frame_products(frames[1:, :width], frames[:-1, :width].transpose(1, 2)), whole)
 
 
 def use_symmetric_gram(normalized: Tensor) -> bool:

@@ -233,3 +233,10 @@ def test_take_rows_moves_the_same_bits():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert torch.equal(merging.take_rows(table.to(dtype), index).view(-1).view(torch.uint8),
                            table.to(dtype).index_select(0, index).view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_frame_products_are_the_batched_product(batch):
+    left, right = _small_integer_frames(batch, 7, 40, seed=1), _small_integer_frames(batch, 40, 9, seed=2)
+    assert torch.equal(cpu_products.frame_products(left, right), torch.bmm(left, right))
+    assert torch.equal(cpu_products.frame_products(left.bfloat16(), right.bfloat16()), torch.bmm(left, right).bfloat16())
