@@ -6,9 +6,11 @@ unselected tokens are moved to the front of the (disposable) unit-norm workspace
 and the products are put back in token order with -1 elsewhere.
 
 Both forms read entries of smaller products as entries of the official (whole) ones, which holds where the BLAS
-forms every entry from its two rows alone, in a fixed order, whatever the shapes around it (MKL's CPU kernels do).
-`smaller_products_exact` checks that once per shape on this machine's BLAS, bit for bit, and the stage falls back
-to the whole products where it does not hold.
+forms every entry from its two rows alone, in a fixed order, whatever the shapes around it. MKL does so on the
+project host when every row starts on a 64-byte boundary (D a multiple of 16 in float32; the 7B models' 3584 and
+the small ones' 896 are), and not always otherwise. So they are used only for such rows, and
+`smaller_products_exact` checks each shape once on this machine's BLAS, bit for bit; elsewhere the stage forms the
+whole products.
 """
 
 from __future__ import annotations
@@ -103,10 +105,17 @@ def smaller_products_exact(num_tokens: int, dim: int, dtype: torch.dtype, width:
     return torch.equal(frame_products(frames[1:, :width], frames[:-1, :width].transpose(1, 2)), whole)
 
 
+def rows_aligned(dim: int, dtype: torch.dtype) -> bool:
+    """Whether every row of a (.., D) tensor in dtype starts on a 64-byte boundary (given an aligned start, as
+    torch allocates): then no block starts where the whole product's rows do not, and the check below sees the
+    alignments of every call (MKL's last bits can depend on where an operand starts)."""
+    return dim * torch.empty(0, dtype=dtype).element_size() % 64 == 0
+
+
 def use_symmetric_gram(normalized: Tensor) -> bool:
     """Whether the selection's similarities of these (L, N, D) CPU features may use symmetric_gram."""
     _, num_tokens, dim = normalized.shape
-    return num_tokens >= MIN_BLOCKED_TOKENS and smaller_products_exact(
+    return num_tokens >= MIN_BLOCKED_TOKENS and rows_aligned(dim, normalized.dtype) and smaller_products_exact(
         num_tokens, dim, normalized.dtype, None, torch.get_num_threads()
     )
 
@@ -118,6 +127,5 @@ def use_front_products(workspace: Tensor, width: int) -> bool:
     _, num_tokens, dim = workspace.shape
     if workspace.dtype != torch.float32:
         return False
-    return num_tokens >= MIN_BLOCKED_TOKENS and width < num_tokens and smaller_products_exact(
-        num_tokens, dim, workspace.dtype, width, torch.get_num_threads()
-    )
+    return (num_tokens >= MIN_BLOCKED_TOKENS and width < num_tokens and rows_aligned(dim, workspace.dtype)
+            and smaller_products_exact(num_tokens, dim, workspace.dtype, width, torch.get_num_threads()))

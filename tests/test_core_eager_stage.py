@@ -240,3 +240,10 @@ def test_frame_products_are_the_batched_product(batch):
     left, right = _small_integer_frames(batch, 7, 40, seed=1), _small_integer_frames(batch, 40, 9, seed=2)
     assert torch.equal(cpu_products.frame_products(left, right), torch.bmm(left, right))
     assert torch.equal(cpu_products.frame_products(left.bfloat16(), right.bfloat16()), torch.bmm(left, right).bfloat16())
+
+
+def test_smaller_products_only_where_every_row_starts_on_a_64_byte_boundary():
+    assert cpu_products.rows_aligned(3584, torch.float32) and cpu_products.rows_aligned(896, torch.float32)
+    assert not cpu_products.rows_aligned(20, torch.float32) and not cpu_products.rows_aligned(16, torch.bfloat16)
+    unaligned = torch.randn(2, 40, 20)
+    assert not cpu_products.use_symmetric_gram(unaligned) and not cpu_products.use_front_products(unaligned, 30)
