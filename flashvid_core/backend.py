@@ -33,6 +33,8 @@ class Backend:
     fused_cuda_draws: the DPC tie-breaker draws of all frames from one kernel.
     fixed_order_sums_on_cpu: take CUDA's fixed-order summation branch on the CPU too (tests compare the two).
     fused_statistic: LLaVA's vision attention statistic as one Triton kernel (lmms_eval_models.patches).
+    native_cpu_products: the CPU stage's float32 similarities and DPC distances from the accel layer's C kernel,
+        where it gives this machine's BLAS entries bit for bit (`accel.cpu_kernel`).
     """
 
     triton: bool = True
@@ -42,6 +44,7 @@ class Backend:
     fused_cuda_draws: bool = True
     fixed_order_sums_on_cpu: bool = False
     fused_statistic: bool = True
+    native_cpu_products: bool = True
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -45,10 +45,12 @@ def draw_density_noise(num_points: list[int], device: torch.device, generator: t
     return torch.cat(draws, dim=1).flatten()
 
 
-def self_cdist(points: Tensor) -> Tensor:
+def self_cdist(points: Tensor, point_counts: list[int] | None = None) -> Tensor:
     """torch.cdist(x, x) for x = points.float(), bit for bit, with less memory traffic.
 
-    points: (B, n, D) any float dtype. Above 25 points torch.cdist computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T,
+    points: (B, n, D) any float dtype. point_counts: each frame's own point count (<= n, the rest padding), if
+    the frames are padded: the reference's products are those of the unpadded frames (whose entries the CPU
+    kernel must give to form them; see cpu_products.frame_products). Above 25 points torch.cdist computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T,
     clamped at 0, square-rooted. Here the float32 copy of the points is written straight into the right-hand
     operand, -2x straight into the left one, and the squared norms are computed once for both sides. Returns
     (B, n, n) float32.
@@ -70,7 +72,8 @@ def self_cdist(points: Tensor) -> Tensor:
     left[..., dim + 1] = 1.0
     right[..., dim] = 1.0
     right[..., dim + 1] = norm
-    return frame_products(left, right.mT).clamp_min_(0).sqrt_()
+    official_shapes = [(count, count, dim + 2) for count in sorted(set(point_counts or [num_points]))]
+    return frame_products(left, right.mT, official_shapes).clamp_min_(0).sqrt_()
 
 
 @torch.no_grad()
@@ -167,7 +170,7 @@ def dpc_knn_ragged(
     batch, width, dim = points.shape
     slots = torch.arange(width, device=points.device)
     valid = slots.unsqueeze(0) < num_points.unsqueeze(1)  # (C, n)
-    dists = self_cdist(points) / math.sqrt(dim)
+    dists = self_cdist(points, point_counts) / math.sqrt(dim)
     neighbour_dists = dists.masked_fill(~valid.unsqueeze(1), float("inf"))
     nearest = torch.topk(neighbour_dists, k=max(neighbour_counts), dim=-1, largest=False).values  # (C, n, k_max)
     # torch.mean over exactly k columns, one k at a time (at most 7 values), so each frame's density is computed

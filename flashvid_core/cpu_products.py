@@ -11,23 +11,63 @@ project host when every row starts on a 64-byte boundary (D a multiple of 16 in 
 the small ones' 896 are), and not always otherwise. So they are used only for such rows, and
 `smaller_products_exact` checks each shape once on this machine's BLAS, bit for bit; elsewhere the stage forms the
 whole products.
+
+Where the accel layer's C kernel gives the entries of the reference's own products on this machine
+(`native_products`; checked per shape), it forms these products, about twice as fast as MKL on AVX2-dispatched
+hosts (the selection's similarities as their lower triangle, mirrored: `native_gram`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .backend import current_backend, fast_path
 
 # Below this many tokens per frame the whole products are cheap: no blocking.
 MIN_BLOCKED_TOKENS = 32
 
 
-def frame_products(left: Tensor, right: Tensor) -> Tensor:
-    """torch.bmm(left, right): (B, M, K) @ (B, K, N) -> (B, M, N). On the CPU in float32 an odd batch of three or
-    more is split into an even batch and one single product: MKL shares a batch's matrices between the threads,
-    and with two threads the odd one out ran alone (up to 30% slower per matrix); each entry is the same."""
+def native_products(left: Tensor, right_rows: Tensor, official_shapes: Sequence[tuple[int, int, int]],
+                    lower: bool = False) -> Tensor | None:
+    """left (B, M, K) @ right_rows (B, N, K)^T from the accel layer's CPU kernel, or None where it does not run
+    (not float32 on the CPU, turned off in the Backend, or not giving this machine's entries of the reference's
+    own products at every (M, N, K) in official_shapes). lower: only the entries on and below the diagonal are
+    meaningful (see mirrored_lower)."""
+    if left.dtype != torch.float32 or left.device.type != "cpu" or not current_backend().native_cpu_products:
+        return None
+    kernel = fast_path("cpu_run_products")
+    return kernel(left, right_rows, official_shapes, lower) if kernel is not None else None
+
+
+def mirrored_lower(products: Tensor) -> Tensor:
+    """(B, N, N) with meaningful entries on and below the diagonal -> the symmetric matrices they define."""
+    num_tokens = products.shape[-1]
+    upper = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=products.device).triu_(1)
+    return torch.where(upper, products.transpose(1, 2), products)
+
+
+def native_gram(normalized: Tensor) -> Tensor | None:
+    """normalized @ normalized^T per frame from the CPU kernel, its lower triangle formed and mirrored: (B, N, D)
+    -> (B, N, N), the entries of the reference's whole product; None where the kernel does not run."""
+    _, num_tokens, dim = normalized.shape
+    lower = native_products(normalized, normalized, [(num_tokens, num_tokens, dim)], lower=True)
+    return mirrored_lower(lower) if lower is not None else None
+
+
+def frame_products(left: Tensor, right: Tensor, official_shapes: Sequence[tuple[int, int, int]] = ()) -> Tensor:
+    """torch.bmm(left, right): (B, M, K) @ (B, K, N) -> (B, M, N). official_shapes: the (M, N, K) shapes of the
+    reference's own products whose entries these are; given, the accel layer's CPU kernel forms them where it
+    gives those products' entries (native_products). On the CPU in float32 an odd batch of three or more is split
+    into an even batch and one single product: MKL shares a batch's matrices between the threads, and with two
+    threads the odd one out ran alone (up to 30% slower per matrix); each entry is the same."""
+    if official_shapes:
+        native = native_products(left, right.transpose(1, 2), official_shapes)
+        if native is not None:
+            return native
     batch = left.shape[0]
     if left.is_cuda or left.dtype != torch.float32 or batch < 3 or batch % 2 == 0:
         return torch.bmm(left, right)
@@ -83,8 +123,9 @@ def previous_frame_similarities_of_front(workspace: Tensor, width: int, row: Ten
     """TSTM's consecutive-frame similarities (L - 1, N, N) in token order from a workspace arranged by
     `unselected_first`: [t - 1, n, m] compares token n of frame t with token m of frame t - 1; the entries of
     tokens outside the front are -1 (selected tokens: the official mask gives them -1 anyway)."""
-    num_tokens = workspace.shape[1]
-    front = frame_products(workspace[1:, :width], workspace[:-1, :width].transpose(1, 2))
+    num_tokens, dim = workspace.shape[1:]
+    front = frame_products(workspace[1:, :width], workspace[:-1, :width].transpose(1, 2),
+                           [(num_tokens, num_tokens, dim)])
     padded = torch.nn.functional.pad(front, (0, num_tokens - width, 0, num_tokens - width), value=-1.0)
     rows = padded.gather(1, row[1:].unsqueeze(-1).expand(-1, -1, num_tokens))
     return rows.gather(2, row[:-1].unsqueeze(1).expand(-1, num_tokens, -1))

@@ -30,6 +30,8 @@ from torch import Tensor
 from .backend import current_backend
 from .cpu_products import (
     front_width,
+    native_gram,
+    native_products,
     previous_frame_similarities_of_front,
     symmetric_gram,
     unselected_first,
@@ -157,7 +159,9 @@ def segment_stage(
                 relevance = segment_relevance(segment32, means)
             normalized32 = unit_norm(segment32, out=unit32[:length])
             if diversity:  # (the features are only read through their unit-norm form and relevance)
-                gram = symmetric_gram(normalized32) if use_symmetric_gram(normalized32) else None
+                gram = native_gram(normalized32)
+                if gram is None and use_symmetric_gram(normalized32):
+                    gram = symmetric_gram(normalized32)
                 distances = calibrated_distances(normalized32, attention[frames], method, normalized=normalized32,
                                                  relevance=relevance, similarities=gram)
                 keep[frames] = diversity_picks(distances, plan.num_selected, method, forbid_repick)
@@ -179,7 +183,8 @@ def segment_similarities(normalized: Tensor, keep: Tensor | None, frames: slice)
         if width < num_tokens and use_front_products(normalized, width):
             row = unselected_first(normalized, selected, width)
             return previous_frame_similarities_of_front(normalized, width, row)
-    return previous_frame_similarities(normalized)
+    whole = native_products(normalized[1:], normalized[:-1], [(num_tokens, num_tokens, normalized.shape[2])])
+    return whole if whole is not None else previous_frame_similarities(normalized)
 
 
 def unit_norm(features: Tensor, out: Tensor) -> Tensor:

@@ -41,6 +41,9 @@ import sys
 import lmms_eval_models
 if not lmms_eval_models.__file__.startswith(sys.prefix):
     sys.exit(f"lmms_eval_models imported from {lmms_eval_models.__file__}, not from the new environment {sys.prefix}")
+from flashvid_core.accel import cpu_kernel
+if not cpu_kernel.SOURCE.is_file():  # package data: the CPU product kernel's C source
+    sys.exit(f"{cpu_kernel.SOURCE} is missing from the install")
 EOF
 "$scratch/venv/bin/flashvid-sweep" run smoke --only 'flashvid_llava_onevision.vanilla-*' | tee "$scratch/run.log"
 grep -q "1 finished now" "$scratch/run.log"

@@ -7,8 +7,9 @@ reference computes, and falls back to it (returns None) where it cannot run.
     rng.py       the DPC tie-breaker draws of all frames in one Triton launch
     graphs.py    one CUDA-graph cache helper; the graph-replayed greedy loop and TSTM walk
     stage.py     the part of compress from selection to the passed-on tokens with fixed shapes, graph-replayed
+    cpu_kernel.py  the CPU stage's float32 products from a C kernel (run_products.c) in this machine's BLAS order
 """
 
-from . import graphs, kernels, rng, stage
+from . import cpu_kernel, graphs, kernels, rng, stage
 
-__all__ = ["graphs", "kernels", "rng", "stage"]
+__all__ = ["cpu_kernel", "graphs", "kernels", "rng", "stage"]
