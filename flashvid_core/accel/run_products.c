@@ -18,18 +18,53 @@ int run_products_supported(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
 }
 
-/* panel[jb][k][jj] = B[jb * NB + jj][k0 + k] for k < kr, zero for columns beyond n. */
+/* In-register transpose of 16 rows of 16 floats: afterwards r[c] holds column c of the input rows. */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* panel[jb][k][jj] = B[jb * NB + jj][k0 + k] for k < kr, zero for columns beyond n: 16 x 16 blocks transposed
+ * in registers, the edges one by one. Packing only moves values: the entries do not depend on it. */
 static void pack_panels(const float *B, long ldb, long n, long k0, long kr, float *panel) {
     long nblocks = (n + NB - 1) / NB;
     for (long jb = 0; jb < nblocks; jb++) {
         float *dst = panel + jb * RUN * NB;
-        for (long jj = 0; jj < NB; jj++) {
-            long j = jb * NB + jj;
-            if (j < n) {
+        for (long half = 0; half < NB / 16; half++) {
+            long j0 = jb * NB + half * 16;
+            long k = 0;
+            if (n - j0 >= 16) {
+                for (; k + 16 <= kr; k += 16) {
+                    __m512 r[16];
+                    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(B + (j0 + i) * ldb + k0 + k);
+                    transpose16(r);
+                    for (int c = 0; c < 16; c++) _mm512_store_ps(dst + (k + c) * NB + half * 16, r[c]);
+                }
+            }
+            for (long jj = 0; jj < 16; jj++) {
+                long j = j0 + jj;
                 const float *src = B + j * ldb + k0;
-                for (long k = 0; k < kr; k++) dst[k * NB + jj] = src[k];
-            } else {
-                for (long k = 0; k < kr; k++) dst[k * NB + jj] = 0.0f;
+                for (long kk = k; kk < kr; kk++) dst[kk * NB + half * 16 + jj] = j < n ? src[kk] : 0.0f;
             }
         }
     }
