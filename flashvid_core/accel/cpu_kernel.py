@@ -148,13 +148,14 @@ def products(left: Tensor, right_rows: Tensor, lower: bool = False, threads: int
 @functools.lru_cache(maxsize=4096)
 def matches_blas(rows: int, columns: int, depth: int, threads: int) -> bool:
     """Whether torch's float32 products of this shape give the kernel's entries on this machine, with `threads`
-    torch threads: one product and a batch of three, on seeded random operands (own generator: the default one,
-    which the DPC tie-breaker draws from, is not touched)."""
+    torch threads: `mm` and `bmm` (which forms a batch matrix by matrix with the same kernel) on one pair of seeded
+    random operands (own generator: the default one, which the DPC tie-breaker draws from, is not touched). Runs
+    inside the first call that needs the shape, so the operands are one matrix each (they add to its peak memory)."""
     if library() is None:
         return False
     generator = torch.Generator().manual_seed(0)
-    left = torch.rand(3, rows, depth, generator=generator) - 0.5
-    right_rows = torch.rand(3, columns, depth, generator=generator) - 0.5
+    left = torch.rand(1, rows, depth, generator=generator).sub_(0.5)
+    right_rows = torch.rand(1, columns, depth, generator=generator).sub_(0.5)
     ours = products(left, right_rows, threads=threads)
     if ours is None:
         return False
