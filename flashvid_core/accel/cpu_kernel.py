@@ -1,8 +1,8 @@
 """The CPU stage's float32 products from a small C kernel (`run_products.c`), with this machine's BLAS entries.
 
-torch's float32 products on the CPU are MKL's. On hosts where MKL dispatches its AVX2 code (AMD CPUs among them)
-each entry is formed in runs of 192 products, each run a fused multiply-add chain from zero, the runs' sums added
-in order; the kernel forms every entry in that order with AVX-512 registers, about twice MKL's rate there. It is
+torch's float32 products on the CPU are MKL's. On the project host (an AMD EPYC, where MKL runs at about the AVX2
+rate) each entry is formed in runs of 192 products, each run a fused multiply-add chain from zero, the runs' sums
+added in order; the kernel forms every entry in that order with AVX-512 registers, about twice MKL's rate there. It is
 used for a product only where it gives the entries of the reference's own product bit for bit: each shape the
 reference multiplies at is checked once per process and thread count (`matches_blas`, on seeded random operands;
 the order does not depend on the values). Anywhere else (another BLAS order, no AVX-512, no C compiler, not
@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -48,13 +49,13 @@ def _cache_dirs() -> list[Path]:
     return [Path(home) / "flashvid_core", Path(tempfile.gettempdir()) / f"flashvid_core-{os.getuid()}"]
 
 
-def _compile(compiler: str, target: Path) -> bool:
+def _compile(compiler: list[str], target: Path) -> bool:
     """Compile the kernel to `target` (written under a temporary name, then renamed: concurrent processes)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
         partial = Path(handle.name)
     try:
-        result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE)],
+        result = subprocess.run([*compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             logger.info("the CPU product kernel did not compile (%s): %s", compiler, result.stderr.strip()[-500:])
@@ -70,10 +71,11 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot run here (see the module docstring)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or [found for found in (shutil.which("cc"), shutil.which("gcc"))
+                                                         if found][:1]
     if not compiler:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *COMPILE_FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *COMPILE_FLAGS)).encode()).hexdigest()[:16]
     for directory in _cache_dirs():
         path = directory / f"run_products-{key}.so"
         try:
