@@ -49,9 +49,9 @@ def self_cdist(points: Tensor, point_counts: list[int] | None = None) -> Tensor:
     """torch.cdist(x, x) for x = points.float(), bit for bit, with less memory traffic.
 
     points: (B, n, D) any float dtype. point_counts: each frame's own point count (<= n, the rest padding), if
-    the frames are padded: the reference's products are those of the unpadded frames (whose entries the CPU
-    kernel must give to form them; see cpu_products.frame_products). Above 25 points torch.cdist computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T,
-    clamped at 0, square-rooted. Here the float32 copy of the points is written straight into the right-hand
+    the frames are padded: the reference multiplies the unpadded frames, and the CPU kernel forms these products
+    only where it gives the entries of those (see cpu_products.frame_products). Above 25 points torch.cdist
+    computes [-2x, |x|^2, 1] @ [x, 1, |x|^2]^T, clamped at 0, square-rooted. Here the float32 copy of the points is written straight into the right-hand
     operand, -2x straight into the left one, and the squared norms are computed once for both sides. Returns
     (B, n, n) float32.
     """

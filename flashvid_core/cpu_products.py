@@ -13,8 +13,8 @@ the small ones' 896 are), and not always otherwise. So they are used only for su
 whole products.
 
 Where the accel layer's C kernel gives the entries of the reference's own products on this machine
-(`native_products`; checked per shape), it forms these products, about twice as fast as MKL on AVX2-dispatched
-hosts (the selection's similarities as their lower triangle, mirrored: `native_gram`).
+(`native_products`; checked per shape), it forms these products, about twice as fast as MKL on the project host
+(the selection's similarities as their lower triangle, mirrored: `native_gram`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ video: none is large enough for the C allocator to hand it back to the OS after 
 Every number is the official code's: the same operations on the same per-frame operands, each segment's unit-norm
 features starting at the start of a buffer as the official per-segment tensors do (BLAS results can depend on an
 operand's alignment), event relevance formed as it forms it (`segment_relevance`), and the smaller products only
-where this machine's BLAS gives the whole products' entries in them (checked once per shape).
+where this machine's BLAS gives the whole products' entries in them (checked once per shape). The float32 products
+come from the accel layer's C kernel where it gives the same entries as torch's (`cpu_products.native_products`).
 
 On CUDA the stage runs the whole-video reference stages (`select_tokens`, `spatiotemporal_merge`), whose matrix
 products are those of the accel layer's CUDA stage: the fast paths and this path give the same numbers.
