@@ -206,6 +206,28 @@ def test_the_kernel_is_compiled_once_into_the_cache(tmp_path):
     assert len(built) == 1 and built[0].startswith("run_products-") and built[0].endswith(".so")
 
 
+@pytest.mark.skipif(not KERNEL, reason="the C kernel does not run on this machine (checked above)")
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel_with_the_same_entries(tmp_path):
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor arg in "$@"; do [ "$arg" = -fopenmp ] && exit 1; done\nexec '
+                        f'{shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    compiler.chmod(0o755)
+    code = (
+        "import torch\n"
+        "from flashvid_core.accel import cpu_kernel\n"
+        "assert cpu_kernel.library() is not None\n"
+        "left, right = torch.randn(3, 40, 500), torch.randn(3, 50, 500)\n"
+        "assert torch.equal(cpu_kernel.products(left, right, threads=2), cpu_kernel.products(left, right, threads=1))\n"
+        "print(cpu_kernel.matches_blas(40, 50, 500, torch.get_num_threads()))\n"
+    )
+    environment = {**os.environ, "CC": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    # The same check, the same answer as the OpenMP build's in this process (same entries, same torch threads).
+    assert result.stdout.strip() == str(cpu_kernel.matches_blas(40, 50, 500, torch.get_num_threads()))
+    assert len(list((tmp_path / "cache" / "flashvid_core").glob("run_products-*.so"))) == 1  # the plain build
+
+
 def test_native_gram_is_none_or_the_whole_product():
     frames = torch.randn(3, 50, 32, generator=torch.Generator().manual_seed(2))
     frames = frames / frames.norm(dim=-1, keepdim=True)

@@ -10,7 +10,8 @@ Linux on x86-64, `Backend(native_cpu_products=False)`) the provider returns None
 
 The kernel is compiled at first use with the system C compiler (`$CC`, else `cc`) into the user's cache
 (`$XDG_CACHE_HOME/flashvid_core`, else `~/.cache/flashvid_core`, else the temporary directory), keyed by the
-source and the flags; no Python or torch headers are needed. Products run on torch's thread count, as row ranges
+source, the compiler and the flags; no Python or torch headers are needed. A compiler without OpenMP builds it
+without: the same entries, on one thread. Products run on torch's thread count, as row ranges
 on torch's own OpenMP threads (see run_products.c).
 """
 
@@ -37,7 +38,9 @@ from ..backend import provide
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("run_products.c")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fPIC", "-shared")
+# With OpenMP the rows are shared among torch's threads; a compiler without it builds a one-thread kernel.
+OPENMP_FLAGS = ("-fopenmp",)
 # The kernel's products per fused chain (RUN in run_products.c), and its column panels (NB: with `lower`, a row
 # strip computes the panels up to its diagonal).
 RUN_LENGTH = 192
@@ -49,13 +52,13 @@ def _cache_dirs() -> list[Path]:
     return [Path(home) / "flashvid_core", Path(tempfile.gettempdir()) / f"flashvid_core-{os.getuid()}"]
 
 
-def _compile(compiler: list[str], target: Path) -> bool:
+def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> bool:
     """Compile the kernel to `target` (written under a temporary name, then renamed: concurrent processes)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
         partial = Path(handle.name)
     try:
-        result = subprocess.run([*compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE)],
+        result = subprocess.run([*compiler, *flags, "-o", str(partial), str(SOURCE)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             logger.info("the CPU product kernel did not compile (%s): %s", compiler, result.stderr.strip()[-500:])
@@ -75,11 +78,16 @@ def library() -> ctypes.CDLL | None:
                                                          if found][:1]
     if not compiler:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *COMPILE_FLAGS)).encode()).hexdigest()[:16]
+    source = SOURCE.read_bytes()
+    builds = [(*COMPILE_FLAGS, *OPENMP_FLAGS), COMPILE_FLAGS]  # the first that exists or compiles
+    keys = [hashlib.sha256(source + " ".join((*compiler, *flags)).encode()).hexdigest()[:16] for flags in builds]
     for directory in _cache_dirs():
-        path = directory / f"run_products-{key}.so"
+        paths = [directory / f"run_products-{key}.so" for key in keys]
         try:
-            if not path.exists() and not _compile(compiler, path):
+            path = next((path for path in paths if path.exists()), None)
+            if path is None:
+                path = next((path for flags, path in zip(builds, paths) if _compile(compiler, flags, path)), None)
+            if path is None:
                 return None
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as error:  # an unwritable cache: try the next one
