@@ -17,9 +17,11 @@ on torch's own OpenMP threads (see run_products.c).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -111,17 +113,12 @@ def _row_cuts(batch: int, rows: int, columns: int, threads: int, lower: bool) ->
     if not lower:
         return [total_rows * t // threads for t in range(threads + 1)]
     # With `lower` a row strip costs its panels up to the diagonal: balance the cumulative cost.
-    per_row = [min(columns, (row // PANEL_COLUMNS + 1) * PANEL_COLUMNS) for row in range(rows)]
-    cost = [0]
-    for row_cost in per_row:
-        cost.append(cost[-1] + row_cost)
-    per_product = cost[-1]
+    cost = list(itertools.accumulate((min(columns, (row // PANEL_COLUMNS + 1) * PANEL_COLUMNS) for row in range(rows)),
+                                     initial=0))
     cuts = [0]
     for t in range(1, threads):
-        target = per_product * batch * t / threads
-        product, within = divmod(target, per_product)
-        row = next(r for r in range(rows + 1) if cost[r] >= within)
-        cuts.append(max(cuts[-1], int(product) * rows + row))
+        product, within = divmod(cost[-1] * batch * t / threads, cost[-1])
+        cuts.append(max(cuts[-1], int(product) * rows + bisect.bisect_left(cost, within)))
     cuts.append(total_rows)
     return cuts
 
